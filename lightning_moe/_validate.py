@@ -1,0 +1,24 @@
+"""Argument checks shared by every component: each error names the parameter and its range."""
+
+from __future__ import annotations
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def check_int_range(name: str, value: int, low: int, high: int) -> int:
+    """Raise ``ValueError`` unless ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+    return value
+
+
+def check_non_negative(name: str, value: float) -> float:
+    """Raise ``ValueError`` unless ``value`` is a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+    return float(value)

@@ -1,0 +1,43 @@
+"""The ``lightning-moe`` command: a LightningCLI over ``MoELanguageModel`` and ``TextDataModule``.
+
+    lightning-moe fit --config cli_configs/tiny.yaml
+    lightning-moe fit --config cli_configs/tiny.yaml --model.router.top_k 1 --model.dispatcher loop
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_moe.data.datamodule import TextDataModule
+from lightning_moe.module import MoELanguageModel
+
+
+class MoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+        # One sequence length for model and data; the vocabulary comes from the tokenizer.
+        parser.link_arguments("model.max_seq_len", "data.seq_len")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+
+def run_cli(args: list[str] | None = None) -> MoECLI:
+    """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests."""
+    # Never reach for a hub unless the user asks: local files and the built-in corpus need none.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return MoECLI(
+        MoELanguageModel,
+        TextDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main() -> None:
+    """The ``lightning-moe`` console script."""
+    run_cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``TextDataModule``: Hugging Face ``datasets`` over local text files or the built-in corpus."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_moe._validate import check_positive_int
+from lightning_moe.data.corpus import builtin_corpus_lines
+from lightning_moe.data.loader import EpochShuffleSampler, ResumableDataLoader
+from lightning_moe.data.tokenizer import ByteTokenizer
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modelling blocks of ``seq_len + 1`` byte tokens from text.
+
+    The text is read with ``datasets.load_dataset("text", ...)`` from ``data_files`` or, when
+    none are given, taken from the built-in corpus (:mod:`lightning_moe.data.corpus`). It is
+    tokenised to UTF-8 bytes, concatenated and cut into non-overlapping blocks; the last
+    ``val_fraction`` of the blocks (a contiguous tail, so no text leaks between the splits) is
+    the validation set, also used by ``test`` and ``predict``. Each batch is
+    ``{"input_ids": (B, seq_len + 1)}``; the model predicts tokens 1..S from tokens 0..S-1.
+
+    Args:
+        data_files: a text file or a list of them; ``None`` uses the built-in corpus.
+        seq_len: tokens the model sees per sequence, >= 1 (the CLI links it to the model's
+            ``max_seq_len``).
+        batch_size: sequences per batch, >= 1.
+        val_fraction: share of the blocks held out for validation, in (0, 1).
+        num_workers: DataLoader worker processes, >= 0.
+        seed: seed of the per-epoch shuffle of the training blocks.
+    """
+
+    def __init__(
+        self,
+        data_files: str | list[str] | None = None,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_files = [data_files] if isinstance(data_files, str) else data_files
+        if self.data_files is not None:
+            if not self.data_files:
+                raise ValueError("`data_files` is an empty list; give at least one file, or None for the built-in corpus.")
+            for path in self.data_files:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"`data_files`: no such file {path!r}.")
+            if all(os.path.getsize(path) == 0 for path in self.data_files):
+                raise ValueError(f"`data_files` are all empty: {self.data_files}.")
+        self.seq_len = check_positive_int("seq_len", seq_len)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers!r}.")
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = ByteTokenizer()
+        self.train_set: Any = None
+        self.val_set: Any = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _load_text(self) -> Any:
+        import datasets
+
+        if self.data_files is None:
+            return datasets.Dataset.from_dict({"text": builtin_corpus_lines()})
+        return datasets.load_dataset("text", data_files=self.data_files, split="train", keep_linebreaks=True)
+
+    def _blocks(self) -> Any:
+        block = self.seq_len + 1
+        encode = self.tokenizer.encode
+
+        def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            return {"ids": [encode(text) for text in batch["text"]]}
+
+        def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+            flat = [token for ids in batch["ids"] for token in ids]
+            return {"input_ids": [flat[i : i + block] for i in range(0, len(flat) - block + 1, block)]}
+
+        text = self._load_text()
+        ids = text.map(tokenize, batched=True, remove_columns=text.column_names, desc="Tokenising")
+        num_tokens = sum(len(x) for x in ids["ids"])
+        if num_tokens == 0:
+            raise ValueError(f"The corpus is empty ({self.data_files or 'built-in'}): no tokens to train on.")
+        # Large map batches lose at most one partial block per 10k lines.
+        blocks = ids.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Grouping")
+        if len(blocks) < 2:
+            raise ValueError(
+                f"The corpus has {num_tokens} tokens: too few for one training and one validation block of "
+                f"seq_len + 1 = {block} tokens. Give more text or a smaller `seq_len`."
+            )
+        return blocks.with_format("torch")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        blocks = self._blocks()
+        num_val = min(max(1, round(len(blocks) * self.val_fraction)), len(blocks) - 1)
+        self.train_set = blocks.select(range(len(blocks) - num_val))
+        self.val_set = blocks.select(range(len(blocks) - num_val, len(blocks)))
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochShuffleSampler(len(self.train_set), seed=self.seed)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                   num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

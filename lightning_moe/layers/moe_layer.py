@@ -1,0 +1,79 @@
+"""The MoE layer: a drop-in replacement for a dense FFN, ``(..., D) -> (..., D)``.
+
+Legend: ``T`` tokens (leading dimensions flattened), ``D`` model width, ``E`` experts,
+``F`` expert hidden width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from lightning_moe._validate import check_positive_int
+from lightning_moe.balancing.losses import Balancer
+from lightning_moe.dispatch.backends import get_dispatcher
+from lightning_moe.experts.swiglu import SwiGLUExperts
+from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.routing.routing import Router
+from lightning_moe.routing.topk import TopKRouter
+
+
+class MoELayer(nn.Module):
+    """Router -> dispatch -> experts -> gated combine.
+
+    After each forward the layer holds ``aux_losses`` (``{balancer.name: loss}``, tensors with
+    grad, to be added to the training loss) and ``stats`` (a detached :class:`RoutingStats`).
+    Both are overwritten by the next forward; nothing is stored anywhere else.
+
+    Args:
+        d_model: model width D, >= 1.
+        d_ff: hidden width F of each expert, >= 1.
+        num_experts: number of experts E, >= 1.
+        router: the router; its ``d_model`` and ``num_experts`` must match. Defaults to
+            ``TopKRouter(d_model, num_experts, top_k=2)``.
+        balancers: auxiliary losses computed from each routing decision (none by default).
+        dispatcher: dispatch backend name, one of ``lightning_moe.dispatch.DISPATCHERS``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        router: Router | None = None,
+        balancers: Sequence[Balancer] = (),
+        dispatcher: str = "grouped",
+    ) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        check_positive_int("d_ff", d_ff)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.router = router if router is not None else TopKRouter(d_model, num_experts, top_k=min(2, num_experts))
+        if self.router.d_model != d_model or self.router.num_experts != num_experts:
+            raise ValueError(
+                f"The router was built for d_model={self.router.d_model}, num_experts={self.router.num_experts}; "
+                f"this layer has d_model={d_model}, num_experts={num_experts}."
+            )
+        self.experts = SwiGLUExperts(d_model, d_ff, num_experts)
+        names = [b.name for b in balancers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`balancers` must have distinct names, got {names}.")
+        self.balancers = list(balancers)
+        self.dispatcher = dispatcher
+        self._dispatch = get_dispatcher(dispatcher)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}.")
+        x_TD = x.reshape(-1, self.d_model)
+        routing = self.router(x_TD)
+        y_TD = self._dispatch(x_TD, routing, self.experts)
+        self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
+        self.stats = RoutingStats.from_routing(routing)
+        return y_TD.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"dispatcher={self.dispatcher!r}, balancers={self.balancers}"

@@ -1,0 +1,53 @@
+"""Detached routing statistics that callbacks and metrics read after each forward.
+
+Legend: ``T`` tokens, ``E`` experts, ``A`` kept assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_moe.routing.routing import Routing
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What one MoE layer did in its last forward; every tensor is detached.
+
+    Attributes:
+        tokens_per_expert_E: int64 kept assignments per expert.
+        mean_score_E: mean normalised router score per expert over the tokens.
+        entropy: mean over tokens of the entropy (nats) of each token's score distribution.
+        num_dropped: int64 assignments removed by capacity (0 when dropless).
+        num_tokens: tokens routed (T).
+    """
+
+    tokens_per_expert_E: Tensor
+    mean_score_E: Tensor
+    entropy: Tensor
+    num_dropped: Tensor
+    num_tokens: int
+
+    @classmethod
+    @torch.no_grad()
+    def from_routing(cls, routing: Routing) -> RoutingStats:
+        scores_TE = routing.scores_TE.detach().float()
+        # xlogy gives 0 * log 0 = 0 for experts with zero probability.
+        entropy_T = -torch.special.xlogy(scores_TE, scores_TE).sum(dim=-1)
+        device = scores_TE.device
+        return cls(
+            tokens_per_expert_E=routing.tokens_per_expert().detach(),
+            mean_score_E=scores_TE.mean(dim=0),
+            entropy=entropy_T.mean(),
+            num_dropped=torch.as_tensor(routing.num_dropped, device=device, dtype=torch.long).detach(),
+            num_tokens=routing.num_tokens,
+        )
+
+    @property
+    def load_fraction_E(self) -> Tensor:
+        """Share of kept assignments per expert (sums to 1)."""
+        counts_E = self.tokens_per_expert_E.float()
+        return counts_E / counts_E.sum().clamp_min(1.0)

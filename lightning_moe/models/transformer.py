@@ -1,0 +1,191 @@
+"""A decoder-only transformer whose FFNs are MoE layers, every layer or every n-th.
+
+Legend: ``B`` batch, ``S`` sequence, ``D`` model width, ``H`` heads, ``Dh`` head width,
+``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe.balancing.losses import Balancer
+from lightning_moe.dispatch.backends import get_dispatcher
+from lightning_moe.experts.swiglu import SwiGLU
+from lightning_moe.layers.moe_layer import MoELayer
+from lightning_moe.routing.routing import Router
+from lightning_moe.routing.topk import TopKRouter
+
+RouterFactory = Callable[[int, int], Router]
+"""Builds a router from ``(d_model, num_experts)``: the model passes its widths, YAML never repeats them."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE), rotating pairs (i, i + Dh/2) of each head."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles_SF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # F = Dh/2
+        # Non-persistent: derived from the config, so checkpoints do not carry them.
+        self.register_buffer("cos_SF", angles_SF.cos(), persistent=False)
+        self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
+
+    def forward(self, x_BHSDh: Tensor) -> Tensor:
+        seq_len = x_BHSDh.shape[-2]
+        cos, sin = self.cos_SF[:seq_len].to(x_BHSDh.dtype), self.sin_SF[:seq_len].to(x_BHSDh.dtype)
+        x1, x2 = x_BHSDh.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = rotary
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        b, s, d = x_BSD.shape
+        qkv = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d))  # (B, S, D)
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, rotary: Rotary, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, rotary)
+        self.ffn_norm = RMSNorm(d_model)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MoETransformer(nn.Module):
+    """Pre-norm decoder-only transformer (RMSNorm, RoPE, SDPA attention) with MoE FFNs.
+
+    Layer ``i`` (0-based) is an MoE layer when ``moe_every > 0`` and ``i % moe_every ==
+    moe_every - 1``; the others have a dense SwiGLU of width ``d_ff``. ``moe_every=0`` gives
+    the dense baseline. Input and output embeddings are tied.
+
+    Args:
+        vocab_size: vocabulary size V, >= 1.
+        max_seq_len: longest sequence the rotary tables cover, >= 1.
+        d_model: model width D, >= 1 and divisible by ``n_heads`` (head width even, for RoPE).
+        n_layers: transformer blocks, >= 1.
+        n_heads: attention heads, >= 1.
+        d_ff: hidden width of the dense FFNs, >= 1.
+        num_experts: experts per MoE layer, >= 1.
+        expert_d_ff: hidden width of each expert, >= 1.
+        moe_every: 1 = every layer is MoE, n = every n-th layer, 0 = none (dense).
+        router: router factory called as ``router(d_model, num_experts)`` for each MoE layer.
+        balancers: auxiliary losses added in every MoE layer.
+        dispatcher: dispatch backend name (``"grouped"`` or ``"loop"``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_seq_len: int = 256,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 512,
+        num_experts: int = 8,
+        expert_d_ff: int = 256,
+        moe_every: int = 1,
+        router: RouterFactory = TopKRouter,
+        balancers: Sequence[Balancer] = (),
+        dispatcher: str = "grouped",
+    ) -> None:
+        super().__init__()
+        for name, value in [("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("d_model", d_model),
+                            ("n_layers", n_layers), ("n_heads", n_heads), ("d_ff", d_ff),
+                            ("num_experts", num_experts), ("expert_d_ff", expert_d_ff)]:
+            check_positive_int(name, value)
+        check_int_range("moe_every", moe_every, 0, n_layers)
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads}) into an even head width.")
+        get_dispatcher(dispatcher)  # fail on an unknown name even when there are no MoE layers
+        self.max_seq_len = max_seq_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        rotary = Rotary(d_model // n_heads, max_seq_len)
+
+        def ffn(i: int) -> nn.Module:
+            if moe_every and i % moe_every == moe_every - 1:
+                return MoELayer(d_model, expert_d_ff, num_experts, router(d_model, num_experts), balancers, dispatcher)
+            return SwiGLU(d_model, d_ff)
+
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight
+        # Tied embeddings at nn.Embedding's N(0, 1) give logits of std sqrt(D) and a first loss far
+        # above log(V); GPT-2's 0.02 starts near log(V).
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def forward(self, ids_BS: Tensor) -> Tensor:
+        """Token ids ``(B, S)`` -> logits ``(B, S, V)``."""
+        if ids_BS.shape[-1] > self.max_seq_len:
+            raise ValueError(f"Sequence length {ids_BS.shape[-1]} exceeds `max_seq_len`={self.max_seq_len}.")
+        x_BSD = self.embed(ids_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        return self.lm_head(self.norm(x_BSD))
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Each balancer's loss summed over the MoE layers, from the last forward."""
+        totals: dict[str, Tensor] = {}
+        for layer in self.moe_layers():
+            for name, value in layer.aux_losses.items():
+                totals[name] = totals[name] + value if name in totals else value
+        return totals
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``total`` parameters and ``active`` ones (used per token: K of E experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for layer in self.moe_layers():
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            inactive += expert_params * (layer.num_experts - layer.router.top_k) // layer.num_experts
+        return {"total": total, "active": total - inactive}
+
+    @torch.no_grad()
+    def generate(self, ids_BS: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``ids_BS`` (no KV cache; for demos)."""
+        for _ in range(max_new_tokens):
+            logits_BV = self(ids_BS[:, -self.max_seq_len:])[:, -1].float()
+            if temperature <= 0:
+                next_B1 = logits_BV.argmax(-1, keepdim=True)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k is not None:
+                    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                next_B1 = torch.multinomial(logits_BV.softmax(-1), 1)
+            ids_BS = torch.cat([ids_BS, next_B1], dim=1)
+        return ids_BS

@@ -1,0 +1,117 @@
+"""``MoELanguageModel``: the LightningModule that trains an ``MoETransformer`` on next-token loss."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
+from lightning_moe.models.transformer import MoETransformer, RouterFactory
+from lightning_moe.optim import WarmupCosineLR
+from lightning_moe.routing.topk import TopKRouter
+
+
+class MoELanguageModel(L.LightningModule):
+    """A decoder-only MoE language model; loss = next-token cross-entropy + every aux loss.
+
+    The router, the balancers and the dispatcher are injected, so YAML or the command line
+    chooses them (``--model.router.top_k 1``, ``--model.dispatcher loop``). The router is a
+    factory: the model calls ``router(d_model, num_experts)`` for each MoE layer, so widths are
+    never repeated in YAML.
+
+    Logs ``train/lm_loss``, ``train/loss`` (the optimised total), ``train/<balancer name>``
+    (summed over layers), ``val/loss`` (cross-entropy only, comparable with the dense
+    baseline) and ``val/<balancer name>``.
+
+    Args:
+        vocab_size: vocabulary size (linked to the data module's by the CLI).
+        max_seq_len: longest sequence (linked to the data module's ``seq_len`` by the CLI).
+        d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every: see
+            :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the dense baseline.
+        router: router factory, called as ``router(d_model, num_experts)``.
+        balancers: auxiliary losses of every MoE layer; ``None`` means
+            ``[SwitchAuxLoss(0.01), ZLoss(0.001)]``, ``[]`` means none.
+        dispatcher: dispatch backend, ``grouped`` (fast) or ``loop`` (reference).
+        optimizer: optimizer factory, called with the parameters.
+        lr_scheduler: LR scheduler factory, called with the optimizer and stepped every
+            optimizer step; ``None`` keeps the LR constant.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        max_seq_len: int = 128,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 512,
+        num_experts: int = 8,
+        expert_d_ff: int = 256,
+        moe_every: int = 1,
+        router: RouterFactory = TopKRouter,
+        balancers: list[Balancer] | None = None,
+        dispatcher: Literal["grouped", "loop"] = "grouped",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if balancers is None:
+            balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
+        self.model = MoETransformer(
+            vocab_size, max_seq_len, d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every,
+            router, balancers, dispatcher,
+        )
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+    def forward(self, ids_BS: Tensor) -> Tensor:
+        return self.model(ids_BS)
+
+    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        ids_BS1 = batch["input_ids"]
+        logits_BSV = self.model(ids_BS1[:, :-1])
+        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), ids_BS1[:, 1:].flatten())
+        return lm_loss, self.model.aux_losses()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        lm_loss, aux = self._losses(batch)
+        loss = lm_loss + sum(aux.values())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lm_loss", lm_loss)
+        for name, value in aux.items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
+        lm_loss, aux = self._losses(batch)
+        self.log(f"{prefix}/loss", lm_loss, prog_bar=True, sync_dist=True)
+        for name, value in aux.items():
+            self.log(f"{prefix}/{name}", value, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Per-sequence mean next-token negative log-likelihood, ``(B,)``."""
+        ids_BS1 = batch["input_ids"]
+        logits_BSV = self.model(ids_BS1[:, :-1]).float()
+        nll_BS = F.cross_entropy(logits_BSV.transpose(1, 2), ids_BS1[:, 1:], reduction="none")
+        return nll_BS.mean(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

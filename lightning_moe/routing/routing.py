@@ -1,0 +1,64 @@
+"""The routing contract: the one description of a routing decision, whatever the policy.
+
+Legend: ``T`` tokens (batch x sequence flattened), ``D`` model width, ``E`` experts,
+``K`` experts per token, ``A`` assignments (token, expert pairs kept after routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """A routing decision, read by dispatch, balancing losses, statistics and kernels.
+
+    Attributes:
+        scores_TE: normalised router scores (softmax over all experts for token-choice
+            softmax routing), with grad; balancing losses read these.
+        logits_TE: raw float32 router logits, with grad; the z-loss reads these.
+        token_A: ``(A,)`` int64 token index of each kept assignment.
+        expert_A: ``(A,)`` int64 expert index of each kept assignment.
+        weight_A: ``(A,)`` float32 gate weight of each kept assignment, with grad.
+        num_dropped: assignments the selection rule wanted but capacity removed (0 if
+            dropless); an int or a 0-d tensor.
+
+    Token-choice top-k gives ``A = T * K``; expert-choice gives ``A = E * C``.
+    """
+
+    scores_TE: Tensor
+    logits_TE: Tensor
+    token_A: Tensor
+    expert_A: Tensor
+    weight_A: Tensor
+    num_dropped: Tensor | int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.scores_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.scores_TE.shape[1]
+
+    def tokens_per_expert(self) -> Tensor:
+        """``(E,)`` int64 count of kept assignments per expert."""
+        return torch.bincount(self.expert_A, minlength=self.num_experts)
+
+
+class Router(nn.Module):
+    """Base class of every router: ``forward(x_TD) -> Routing``.
+
+    Subclasses set ``d_model``, ``num_experts`` and ``top_k`` (the number of experts a token
+    reaches on average; used for active-parameter accounting).
+    """
+
+    d_model: int
+    num_experts: int
+    top_k: int
+
+    def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
