@@ -20,9 +20,21 @@ class MoECLI(LightningCLI):
         parser.link_arguments("model.max_seq_len", "data.seq_len")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        # Our components check their arguments when built and raise ValueError/FileNotFoundError
+        # naming the parameter; on the command line that is a usage error, not a traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            self.parser.error(str(err))
 
-def run_cli(args: list[str] | None = None) -> MoECLI:
-    """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests."""
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
+    """Run the CLI on ``args`` (default: ``sys.argv``) and return it, for scripts and tests.
+
+    With ``run=False`` there is no subcommand: the config is parsed and the trainer, model and
+    data module are built, nothing more.
+    """
     # Never reach for a hub unless the user asks: local files and the built-in corpus need none.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +42,7 @@ def run_cli(args: list[str] | None = None) -> MoECLI:
         MoELanguageModel,
         TextDataModule,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
 

@@ -16,6 +16,16 @@ from lightning_moe.optim import WarmupCosineLR
 from lightning_moe.routing.topk import TopKRouter
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
 class MoELanguageModel(L.LightningModule):
     """A decoder-only MoE language model; loss = next-token cross-entropy + every aux loss.
 
@@ -61,6 +71,11 @@ class MoELanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Under LightningCLI the hyperparameters are the plain config (class paths and init args),
+        # which `load_from_checkpoint` rebuilds. Python objects (a router class, balancer instances,
+        # lambdas) are dropped so that checkpoints load with torch.load(weights_only=True); pass
+        # them again to `load_from_checkpoint`.
+        self.remove_ignored_hparams([name for name, value in self.hparams.items() if not _is_plain(value)])
         if balancers is None:
             balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
         self.model = MoETransformer(

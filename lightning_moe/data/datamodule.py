@@ -47,7 +47,7 @@ class TextDataModule(L.LightningDataModule):
         self.data_files = [data_files] if isinstance(data_files, str) else data_files
         if self.data_files is not None:
             if not self.data_files:
-                raise ValueError("`data_files` is an empty list; give at least one file, or None for the built-in corpus.")
+                raise ValueError("`data_files` is an empty list; give a file, or None for the built-in corpus.")
             for path in self.data_files:
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"`data_files`: no such file {path!r}.")

@@ -8,7 +8,8 @@ and is tested against ``loop``, the readable reference.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

@@ -44,8 +44,8 @@ class SwiGLUExperts(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Linear's default scale per expert: uniform(+-1/sqrt(fan_in)).
-        for weight, fan_in in ((self.w_gate_EDF, self.d_model), (self.w_up_EDF, self.d_model), (self.w_out_EFD, self.d_ff)):
-            bound = 1.0 / math.sqrt(fan_in)
+        for weight in (self.w_gate_EDF, self.w_up_EDF, self.w_out_EFD):
+            bound = 1.0 / math.sqrt(weight.shape[1])  # fan-in: D for gate/up, F for out
             nn.init.uniform_(weight, -bound, bound)
 
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
@@ -58,8 +58,8 @@ class SwiGLUExperts(nn.Module):
         ``unbind`` and ``split`` make one view per expert whose backward is a single stack or
         cat, instead of one full-size zero gradient per indexed expert.
         """
-        weights = zip(self.w_gate_EDF.unbind(0), self.w_up_EDF.unbind(0), self.w_out_EFD.unbind(0))
-        outputs = [swiglu(x_ND, *w) for x_ND, w in zip(x_AD.split(counts), weights)]
+        weights = zip(self.w_gate_EDF.unbind(0), self.w_up_EDF.unbind(0), self.w_out_EFD.unbind(0), strict=True)
+        outputs = [swiglu(x_ND, *w) for x_ND, w in zip(x_AD.split(counts), weights, strict=True)]
         return torch.cat(outputs)
 
     def extra_repr(self) -> str:

@@ -67,7 +67,9 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}."
+            )
         x_TD = x.reshape(-1, self.d_model)
         routing = self.router(x_TD)
         y_TD = self._dispatch(x_TD, routing, self.experts)

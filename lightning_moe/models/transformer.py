@@ -126,7 +126,7 @@ class MoETransformer(nn.Module):
             check_positive_int(name, value)
         check_int_range("moe_every", moe_every, 0, n_layers)
         if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads}) into an even head width.")
+            raise ValueError(f"`d_model` ({d_model}) must split into `n_heads` ({n_heads}) heads of even width.")
         get_dispatcher(dispatcher)  # fail on an unknown name even when there are no MoE layers
         self.max_seq_len = max_seq_len
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -175,7 +175,9 @@ class MoETransformer(nn.Module):
         return {"total": total, "active": total - inactive}
 
     @torch.no_grad()
-    def generate(self, ids_BS: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+    def generate(
+        self, ids_BS: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``ids_BS`` (no KV cache; for demos)."""
         for _ in range(max_new_tokens):
             logits_BV = self(ids_BS[:, -self.max_seq_len:])[:, -1].float()

@@ -7,6 +7,7 @@ Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``K`` experts per token,
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,9 @@ from lightning_moe.routing.routing import Router, Routing
 class LinearScorer(nn.Module):
     """One projection from the hidden state to E logits, computed in float32.
 
-    Logits are computed with autocast disabled and float32 operands, whatever the model's
-    dtype: small logit differences decide the top-k, and low-precision softmaxes are a known
-    source of MoE instability. Parameters: ``E * D`` (no bias).
+    Logits are computed with autocast disabled in float32 (float64 stays float64), whatever the
+    model's dtype: small logit differences decide the top-k, and low-precision softmaxes are a
+    known source of MoE instability. Parameters: ``E * D`` (no bias).
     """
 
     def __init__(self, d_model: int, num_experts: int) -> None:
@@ -37,8 +38,9 @@ class LinearScorer(nn.Module):
         nn.init.uniform_(self.weight_ED, -bound, bound)
 
     def forward(self, x_TD: Tensor) -> Tensor:
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight_ED.float())  # (T, E) float32
+            return F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))  # (T, E), float32 or wider
 
 
 class TopKRouter(Router):
@@ -47,7 +49,8 @@ class TopKRouter(Router):
     Each token keeps its ``top_k`` highest-scoring experts. With ``renormalize=True`` the kept
     scores are divided by their sum, so a token's gates sum to 1 (Mixtral); with ``False`` the
     gates are the softmax probabilities themselves (Switch, Qwen2-MoE's default), which sum to
-    less than 1.
+    less than 1. With ``top_k=1`` renormalising makes every gate 1 and cuts the router off from
+    the language-model gradient (a warning says so): Switch routing uses ``renormalize=False``.
 
     Args:
         d_model: width of the hidden states routed, >= 1.
@@ -62,6 +65,12 @@ class TopKRouter(Router):
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.top_k = check_int_range("top_k", top_k, 1, num_experts)
         self.renormalize = renormalize
+        if top_k == 1 and renormalize and num_experts > 1:
+            warnings.warn(
+                "TopKRouter(top_k=1, renormalize=True) gives every token a gate of exactly 1, so the router "
+                "learns from the balancing losses only. Use renormalize=False for Switch-style top-1 routing.",
+                stacklevel=2,
+            )
         self.scorer = LinearScorer(d_model, num_experts)
 
     def forward(self, x_TD: Tensor) -> Routing:
@@ -81,4 +90,5 @@ class TopKRouter(Router):
         )
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"renormalize={self.renormalize}")

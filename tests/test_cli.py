@@ -1,0 +1,138 @@
+"""The `lightning-moe` CLI: every shipped YAML parses, the real entry point trains and logs to TensorBoard."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_moe.cli import run_cli
+from lightning_moe.layers import MoELayer
+from lightning_moe.module import MoELanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "cli_configs"
+WHOLE = sorted(CONFIGS.glob("*.yaml"))  # complete experiments
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml"))  # add-ons, used on top of tiny.yaml
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when both `args` and sys.argv (pytest's here) are present.
+    monkeypatch.setattr(sys, "argv", ["lightning-moe"])
+
+
+def test_configs_exist() -> None:
+    names = {p.name for p in WHOLE}
+    assert {"tiny.yaml", "dense_baseline.yaml"} <= names
+    assert FRAGMENTS, "cli_configs/ should hold fragments such as routers/"
+
+
+def build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str) -> MoELanguageModel:
+    monkeypatch.chdir(tmp_path)  # the trainer's logger would otherwise claim ./runs
+    cli = run_cli(list(args), run=False)
+    assert isinstance(cli.model, MoELanguageModel)
+    return cli.model
+
+
+@pytest.mark.parametrize("path", WHOLE, ids=lambda p: p.name)
+def test_whole_config_parses_and_builds(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = build(monkeypatch, tmp_path, "--config", str(path))
+    config = yaml.safe_load(path.read_text())["model"]
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    moe_every = config.get("moe_every", 1)
+    assert len(moe_layers) == (0 if moe_every == 0 else config["n_layers"] // moe_every)
+    assert model.model.max_seq_len == config["max_seq_len"]
+
+
+@pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config", str(path))
+    fragment = yaml.safe_load(path.read_text())["model"]
+    if "router" in fragment:
+        router = model.model.moe_layers()[0].router
+        assert type(router).__name__ == fragment["router"]["class_path"].rsplit(".", 1)[1]
+        for key, value in fragment["router"].get("init_args", {}).items():
+            assert getattr(router, key) == value, key
+
+
+def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"),
+                  "--model.router.top_k", "1", "--model.router.renormalize", "false", "--model.dispatcher", "loop",
+                  "--model.num_experts", "6")
+    layer = model.model.moe_layers()[0]
+    assert (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher) == (1, False, 6, "loop")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.routr.top_k", "1"], "routr"),
+    (["--model.dispatcher", "triton"], "triton"),
+    (["--model.router.init_args.top_kk", "3"], "top_kk"),
+])
+def test_config_typo_gives_the_cli_message(args: list[str], message: str, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_yaml_typo_gives_the_cli_message(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 64\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(bad)])
+    assert "d_modle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.data_files", "nothere.txt"], "`data_files`: no such file 'nothere.txt'"),
+    (["--model.router.top_k", "9"], r"`top_k` must be an integer in [1, 8], got 9"),
+    (["--model.d_model", "0"], "`d_model` must be an integer >= 1, got 0"),
+])
+def test_bad_values_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--config", str(CONFIGS / "tiny.yaml"), *args], run=False)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tiny_fits_through_the_real_entry_point(tmp_path: Path) -> None:
+    exe = shutil.which("lightning-moe", path=os.path.dirname(sys.executable)) or shutil.which("lightning-moe")
+    assert exe, "the lightning-moe console script is not installed"
+    result = subprocess.run(
+        [exe, "fit", "--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_steps", "8",
+         "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny" / "version_0"
+    scalars = read_scalars(run_dir)
+    for tag in ("train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss", "val/loss", "val/aux_loss"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert len(scalars["train/loss"]) == 8 and len(scalars["val/loss"]) == 2
+    # The logged total is the LM loss plus the aux losses, step by step.
+    series = (scalars[t] for t in ("train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss"))
+    for total, lm, aux, z in zip(*series, strict=True):
+        assert total == pytest.approx(lm + aux + z, rel=1e-5)
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
