@@ -41,7 +41,8 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def state_dict(self) -> dict:
-        # LambdaLR stores only picklable lambdas; our factor is a bound method rebuilt on init.
+        # The factor is a bound method that __init__ rebuilds; keeping only the plain attributes
+        # lets checkpoints load with torch.load(weights_only=True).
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
 
     def load_state_dict(self, state_dict: dict) -> None:
