@@ -39,11 +39,3 @@ class WarmupCosineLR(LambdaLR):
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def state_dict(self) -> dict:
-        # The factor is a bound method that __init__ rebuilds; keeping only the plain attributes
-        # lets checkpoints load with torch.load(weights_only=True).
-        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__.update(state_dict)

@@ -47,7 +47,7 @@ def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor
     """
     order_A = torch.argsort(routing.expert_A, stable=True)
     token_A = routing.token_A[order_A]
-    counts = torch.bincount(routing.expert_A, minlength=experts.num_experts).tolist()
+    counts = routing.tokens_per_expert().tolist()
     x_AD = x_TD.index_select(0, token_A)  # (A, D), tokens in expert order
     out_AD = experts.grouped_forward(x_AD, counts)
     weighted_AD = out_AD * routing.weight_A[order_A].unsqueeze(-1).to(out_AD.dtype)

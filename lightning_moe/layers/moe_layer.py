@@ -47,7 +47,6 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
-        check_positive_int("d_ff", d_ff)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.router = router if router is not None else TopKRouter(d_model, num_experts, top_k=min(2, num_experts))
         if self.router.d_model != d_model or self.router.num_experts != num_experts:

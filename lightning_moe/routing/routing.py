@@ -6,7 +6,7 @@ Legend: ``T`` tokens (batch x sequence flattened), ``D`` model width, ``E`` expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ class Routing:
     expert_A: Tensor
     weight_A: Tensor
     num_dropped: Tensor | int = 0
+    _tokens_per_expert_E: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -45,8 +46,13 @@ class Routing:
         return self.scores_TE.shape[1]
 
     def tokens_per_expert(self) -> Tensor:
-        """``(E,)`` int64 count of kept assignments per expert."""
-        return torch.bincount(self.expert_A, minlength=self.num_experts)
+        """``(E,)`` int64 count of kept assignments per expert.
+
+        Dispatch, the balancing losses and the statistics all read it; it is counted once.
+        """
+        if self._tokens_per_expert_E is None:
+            self._tokens_per_expert_E = torch.bincount(self.expert_A, minlength=self.num_experts)
+        return self._tokens_per_expert_E
 
 
 class Router(nn.Module):
