@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def check_positive_int(name: str, value: int) -> int:
     """Raise ``ValueError`` unless ``value`` is an int >= 1."""
@@ -21,4 +23,11 @@ def check_non_negative(name: str, value: float) -> float:
     """Raise ``ValueError`` unless ``value`` is a number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+    return float(value)
+
+
+def check_positive_float(name: str, value: float) -> float:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
     return float(value)

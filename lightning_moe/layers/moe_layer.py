@@ -64,13 +64,15 @@ class MoELayer(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.stats: RoutingStats | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``x`` of shape ``(..., D)`` -> same shape. ``token_ids`` (shape ``x.shape[:-1]``), when
+        given, reach the router (id-hash routing reads them; the other routers ignore them)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}."
             )
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         y_TD = self._dispatch(x_TD, routing, self.experts)
         self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
         self.stats = RoutingStats.from_routing(routing)

@@ -77,8 +77,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d_model)
         self.ffn = ffn
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x))
+        if isinstance(self.ffn, MoELayer):
+            return x + self.ffn(self.ffn_norm(x), ids)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -154,7 +156,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"Sequence length {ids_BS.shape[-1]} exceeds `max_seq_len`={self.max_seq_len}.")
         x_BSD = self.embed(ids_BS)
         for block in self.blocks:
-            x_BSD = block(x_BSD)
+            x_BSD = block(x_BSD, ids_BS)
         return self.lm_head(self.norm(x_BSD))
 
     def aux_losses(self) -> dict[str, Tensor]:
@@ -166,12 +168,14 @@ class MoETransformer(nn.Module):
         return totals
 
     def parameter_counts(self) -> dict[str, int]:
-        """``total`` parameters and ``active`` ones (used per token: K of E experts per MoE layer)."""
+        """``total`` parameters and ``active`` ones (used per token: on average
+        ``router.experts_per_token`` of E experts per MoE layer)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for layer in self.moe_layers():
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            inactive += expert_params * (layer.num_experts - layer.router.top_k) // layer.num_experts
+            share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
+            inactive += round(expert_params * share)
         return {"total": total, "active": total - inactive}
 
     @torch.no_grad()

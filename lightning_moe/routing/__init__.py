@@ -1,6 +1,29 @@
-"""Routers: ``forward(x_TD) -> Routing``. A router is a scorer plus a selection rule."""
+"""Routers: ``forward(x_TD, token_ids_T=None) -> Routing``. A router is a scorer plus a selection rule.
 
+Scorers (``scorer(d_model, num_experts)``, ``x_TD -> logits_TE``): :class:`LinearScorer`,
+:class:`AttentionScorer`, :class:`MLPScorer`, :class:`HybridScorer`, :class:`MLPHadamardScorer`.
+Selection rules, each taking any scorer: :class:`TopKRouter` (softmax or sigmoid, bias, jitter,
+scaling), :class:`GroupLimitedTopKRouter`, :class:`ExpertChoiceRouter`, :class:`BalancedRouter`.
+Parameter-free routers: :class:`HashRouter`, :class:`RandomRouter`.
+"""
+
+from lightning_moe.routing.balanced import BalancedRouter, greedy_balanced_assignment, sinkhorn_log
+from lightning_moe.routing.expert_choice import ExpertChoiceRouter
+from lightning_moe.routing.hashing import HashRouter, RandomRouter
 from lightning_moe.routing.routing import Router, Routing
-from lightning_moe.routing.topk import LinearScorer, TopKRouter
+from lightning_moe.routing.scorers import (
+    AttentionScorer,
+    HybridScorer,
+    LinearScorer,
+    MLPHadamardScorer,
+    MLPScorer,
+    Scorer,
+    ScorerFactory,
+)
+from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 
-__all__ = ["LinearScorer", "Router", "Routing", "TopKRouter"]
+__all__ = [
+    "AttentionScorer", "BalancedRouter", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
+    "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "Routing",
+    "Scorer", "ScorerFactory", "TopKRouter", "greedy_balanced_assignment", "sinkhorn_log",
+]

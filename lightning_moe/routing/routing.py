@@ -56,15 +56,22 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base class of every router: ``forward(x_TD) -> Routing``.
+    """Base class of every router: ``forward(x_TD, token_ids_T=None) -> Routing``.
 
-    Subclasses set ``d_model``, ``num_experts`` and ``top_k`` (the number of experts a token
-    reaches on average; used for active-parameter accounting).
+    Subclasses set ``d_model``, ``num_experts`` and ``top_k`` (experts per token of the
+    selection rule). ``token_ids_T`` are the token ids of the routed hidden states when the
+    model passes them down (``MoETransformer`` does); only id-hash routing reads them.
+    A router that supports auxiliary-loss-free balancing owns an ``expert_bias_E`` buffer.
     """
 
     d_model: int
     num_experts: int
     top_k: int
 
-    def forward(self, x_TD: Tensor) -> Routing:  # pragma: no cover - abstract
+    @property
+    def experts_per_token(self) -> float:
+        """Average experts a token reaches (``top_k`` for token choice); used for active-parameter counts."""
+        return float(self.top_k)
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError

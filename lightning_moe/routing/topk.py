@@ -1,94 +1,203 @@
-"""Token-choice top-k routing with a linear scorer.
+"""Token-choice routing: each token picks its top-k experts (plain, or inside its best groups).
 
 Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``K`` experts per token,
-``A`` assignments (``A = T * K`` here).
+``G`` expert groups, ``M`` groups kept per token, ``A`` assignments (``A = T * K`` here).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float, check_positive_int
 from lightning_moe.routing.routing import Router, Routing
+from lightning_moe.routing.scorers import LinearScorer, ScorerFactory
 
 
-class LinearScorer(nn.Module):
-    """One projection from the hidden state to E logits, computed in float32.
-
-    Logits are computed with autocast disabled in float32 (float64 stays float64), whatever the
-    model's dtype: small logit differences decide the top-k, and low-precision softmaxes are a
-    known source of MoE instability. Parameters: ``E * D`` (no bias).
-    """
-
-    def __init__(self, d_model: int, num_experts: int) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Same scale as nn.Linear's default, so initial logits are O(1) whatever D.
-        bound = 1.0 / math.sqrt(self.d_model)
-        nn.init.uniform_(self.weight_ED, -bound, bound)
-
-    def forward(self, x_TD: Tensor) -> Tensor:
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))  # (T, E), float32 or wider
+def token_choice_routing(scores_TE: Tensor, logits_TE: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Routing:
+    """Flatten a ``(T, K)`` token-choice decision into the ``Routing`` contract (token-major order)."""
+    num_tokens, top_k = experts_TK.shape
+    token_A = torch.arange(num_tokens, device=experts_TK.device).repeat_interleave(top_k)
+    return Routing(scores_TE=scores_TE, logits_TE=logits_TE, token_A=token_A,
+                   expert_A=experts_TK.reshape(-1), weight_A=gates_TK.reshape(-1))
 
 
 class TopKRouter(Router):
-    """Token-choice top-k with softmax scores over all experts (Switch, Mixtral, Qwen-MoE).
+    """Token-choice top-k (Switch, Mixtral, Qwen-MoE, DeepSeek-V3) over any scorer.
 
-    Each token keeps its ``top_k`` highest-scoring experts. With ``renormalize=True`` the kept
-    scores are divided by their sum, so a token's gates sum to 1 (Mixtral); with ``False`` the
-    gates are the softmax probabilities themselves (Switch, Qwen2-MoE's default), which sum to
-    less than 1. With ``top_k=1`` renormalising makes every gate 1 and cuts the router off from
-    the language-model gradient (a warning says so): Switch routing uses ``renormalize=False``.
+    Scores: ``softmax`` over all experts, or ``sigmoid`` per expert (DeepSeek-V3); the balancing
+    losses and statistics see sigmoid scores divided by their sum over experts. Each token keeps
+    its ``top_k`` highest-scoring experts. With ``renormalize=True`` the kept scores are divided
+    by their sum (normalising *after* top-k: Mixtral, DeepSeek-V3), so a token's gates sum to 1;
+    with ``False`` the gates are the scores as normalised *before* top-k (Switch, Qwen2-MoE's
+    default). Gates are then multiplied by ``scaling_factor`` (DeepSeek-V3's routed scaling factor).
+
+    ``jitter > 0`` multiplies the router input by noise drawn from U(1 - jitter, 1 + jitter), in
+    training only (Switch Transformer). ``expert_bias=True`` adds the ``expert_bias_E`` buffer to
+    the scores when *choosing* experts but never to the gate weights: auxiliary-loss-free
+    balancing (the buffer is updated by ``BiasOffsetUpdater``-style callbacks).
+
+    With ``top_k=1`` renormalising makes every gate 1 and cuts the router off from the
+    language-model gradient (a warning says so): Switch routing uses ``renormalize=False``.
 
     Args:
         d_model: width of the hidden states routed, >= 1.
         num_experts: number of experts E, >= 1.
         top_k: experts per token K, in [1, num_experts].
         renormalize: renormalise the gate weights over the top-k.
+        scorer: scorer factory, called as ``scorer(d_model, num_experts)``.
+        score_func: ``softmax`` or ``sigmoid``.
+        scaling_factor: multiplies every gate, > 0.
+        jitter: multiplicative input noise amplitude in training, in [0, 1).
+        expert_bias: own an ``expert_bias_E`` buffer (zeros) that steers selection only.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, renormalize: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        renormalize: bool = True,
+        scorer: ScorerFactory = LinearScorer,
+        score_func: Literal["softmax", "sigmoid"] = "softmax",
+        scaling_factor: float = 1.0,
+        jitter: float = 0.0,
+        expert_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"`score_func` must be 'softmax' or 'sigmoid', got {score_func!r}.")
+        self.score_func = score_func
         self.renormalize = renormalize
+        self.scaling_factor = check_positive_float("scaling_factor", scaling_factor)
+        self.jitter = check_non_negative("jitter", jitter)
+        if self.jitter >= 1:
+            raise ValueError(f"`jitter` must be in [0, 1), got {jitter!r}.")
         if top_k == 1 and renormalize and num_experts > 1:
             warnings.warn(
-                "TopKRouter(top_k=1, renormalize=True) gives every token a gate of exactly 1, so the router "
-                "learns from the balancing losses only. Use renormalize=False for Switch-style top-1 routing.",
+                f"{type(self).__name__}(top_k=1, renormalize=True) gives every token a gate of exactly 1, so the "
+                "router learns from the balancing losses only. Use renormalize=False for Switch-style top-1 routing.",
                 stacklevel=2,
             )
-        self.scorer = LinearScorer(d_model, num_experts)
+        self.scorer = scorer(d_model, num_experts)
+        if not isinstance(self.scorer, nn.Module) or getattr(self.scorer, "num_experts", None) != num_experts:
+            raise ValueError(f"`scorer` must build a Scorer for num_experts={num_experts}, got {self.scorer!r}.")
+        if expert_bias:
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        else:
+            self.expert_bias_E = None
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def _affinity(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits_TE, affinity_TE, scores_TE)``: raw logits, gate-source scores, normalised scores."""
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = self.scorer(x_TD)
-        scores_TE = logits_TE.softmax(dim=-1)
-        gates_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
+        if self.score_func == "softmax":
+            affinity_TE = logits_TE.softmax(dim=-1)
+            return logits_TE, affinity_TE, affinity_TE
+        affinity_TE = logits_TE.sigmoid()
+        return logits_TE, affinity_TE, affinity_TE / affinity_TE.sum(dim=-1, keepdim=True)
+
+    def select(self, choice_TE: Tensor) -> Tensor:
+        """``(T, K)`` expert indices chosen from the (biased) scores; subclasses restrict it."""
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        logits_TE, affinity_TE, scores_TE = self._affinity(x_TD)
+        choice_TE = affinity_TE.detach()
+        if self.expert_bias_E is not None:
+            choice_TE = choice_TE + self.expert_bias_E.to(choice_TE.dtype)
+        experts_TK = self.select(choice_TE)
+        gates_TK = affinity_TE.gather(1, experts_TK)
         if self.renormalize:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
-        num_tokens = x_TD.shape[0]
-        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(self.top_k)
-        return Routing(
-            scores_TE=scores_TE,
-            logits_TE=logits_TE,
-            token_A=token_A,
-            expert_A=experts_TK.reshape(-1),
-            weight_A=gates_TK.reshape(-1),
-        )
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling_factor != 1.0:
+            gates_TK = gates_TK * self.scaling_factor
+        return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"renormalize={self.renormalize}")
+                f"renormalize={self.renormalize}, score_func={self.score_func!r}, "
+                f"scaling_factor={self.scaling_factor}, jitter={self.jitter}, "
+                f"expert_bias={self.expert_bias_E is not None}")
+
+
+class GroupLimitedTopKRouter(TopKRouter):
+    """Group-limited (device-limited) top-k: the best ``topk_groups`` groups, then top-k inside them.
+
+    The E experts form ``num_groups`` equal groups of consecutive experts (one group per device
+    under expert parallelism). Each group is scored per token by its best expert
+    (``group_score="max"``, DeepSeek-V2's device-limited routing) or by the sum of its two best
+    (``"top2_sum"``, DeepSeek-V3); the token then takes its top-k among the experts of its
+    ``topk_groups`` best groups, so it never reaches more than ``topk_groups`` devices. Group
+    scores use the biased scores when ``expert_bias=True``, as DeepSeek-V3 does.
+
+    Args:
+        num_groups: number of groups G, >= 1, dividing ``num_experts``.
+        topk_groups: groups kept per token M, in [1, num_groups]; ``top_k`` must be at most
+            ``M * E / G``.
+        group_score: ``max`` or ``top2_sum`` (needs groups of at least 2 experts).
+        The other arguments are :class:`TopKRouter`'s.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        num_groups: int = 4,
+        topk_groups: int = 2,
+        group_score: Literal["max", "top2_sum"] = "max",
+        renormalize: bool = True,
+        scorer: ScorerFactory = LinearScorer,
+        score_func: Literal["softmax", "sigmoid"] = "softmax",
+        scaling_factor: float = 1.0,
+        jitter: float = 0.0,
+        expert_bias: bool = False,
+    ) -> None:
+        super().__init__(d_model, num_experts, top_k, renormalize, scorer, score_func, scaling_factor, jitter,
+                         expert_bias)
+        self.num_groups = check_int_range("num_groups", num_groups, 1, num_experts)
+        if num_experts % num_groups:
+            raise ValueError(
+                f"`num_groups` ({num_groups}) must divide `num_experts` ({num_experts}) into equal groups; "
+                f"valid values: {[g for g in range(1, num_experts + 1) if num_experts % g == 0]}."
+            )
+        self.topk_groups = check_int_range("topk_groups", topk_groups, 1, num_groups)
+        group_size = num_experts // num_groups
+        if top_k > topk_groups * group_size:
+            raise ValueError(
+                f"`top_k` ({top_k}) exceeds the {topk_groups * group_size} experts that `topk_groups`={topk_groups} "
+                f"groups of {group_size} hold; raise `topk_groups` or lower `top_k`."
+            )
+        if group_score not in ("max", "top2_sum"):
+            raise ValueError(f"`group_score` must be 'max' or 'top2_sum', got {group_score!r}.")
+        if group_score == "top2_sum" and group_size < 2:
+            raise ValueError(f"`group_score='top2_sum'` needs groups of >= 2 experts; these have {group_size}.")
+        self.group_score = group_score
+
+    def group_mask(self, choice_TE: Tensor) -> Tensor:
+        """``(T, E)`` bool: the experts inside each token's ``topk_groups`` best groups."""
+        num_tokens = choice_TE.shape[0]
+        choice_TGS = choice_TE.view(num_tokens, self.num_groups, -1)
+        if self.group_score == "max":
+            group_TG = choice_TGS.amax(dim=-1)
+        else:
+            group_TG = choice_TGS.topk(2, dim=-1).values.sum(dim=-1)
+        groups_TM = group_TG.topk(self.topk_groups, dim=-1).indices
+        mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, groups_TM, True)
+        return mask_TG.repeat_interleave(self.num_experts // self.num_groups, dim=1)
+
+    def select(self, choice_TE: Tensor) -> Tensor:
+        masked_TE = choice_TE.masked_fill(~self.group_mask(choice_TE), float("-inf"))
+        return masked_TE.topk(self.top_k, dim=-1).indices
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_groups={self.num_groups}, topk_groups={self.topk_groups}, "
+                f"group_score={self.group_score!r}")

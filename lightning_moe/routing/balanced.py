@@ -1,0 +1,153 @@
+"""Balanced global assignment: every expert gets an equal share of the batch in training.
+
+Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``K`` experts per token,
+``P`` tokens still waiting for an expert, ``A`` assignments (``A = T * K`` here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe.routing.routing import Router
+from lightning_moe.routing.scorers import LinearScorer, ScorerFactory
+from lightning_moe.routing.topk import token_choice_routing
+
+
+@torch.no_grad()
+def sinkhorn_log(logits_TE: Tensor, num_iters: int) -> Tensor:
+    """Sinkhorn-normalise ``exp(logits)`` towards rows summing to 1 and columns to ``T / E``.
+
+    Works in log space (no overflow whatever the logits); returns the log of the normalised
+    matrix. This is the balancing step of Megatron-Core's ``sinkhorn`` routing and of
+    Clark et al.'s S-BASE, with a fixed iteration count instead of a tolerance.
+    """
+    num_tokens, num_experts = logits_TE.shape
+    log_col_mass = math.log(num_tokens / num_experts)
+    log_p_TE = logits_TE.float()
+    for _ in range(num_iters):
+        log_p_TE = log_p_TE - torch.logsumexp(log_p_TE, dim=0, keepdim=True) + log_col_mass
+        log_p_TE = log_p_TE - torch.logsumexp(log_p_TE, dim=1, keepdim=True)
+    return log_p_TE
+
+
+@torch.no_grad()
+def greedy_balanced_assignment(choice_TE: Tensor, top_k: int) -> Tensor:
+    """``(T, K)`` distinct experts per token with every expert's load equal, up to rounding.
+
+    Each of K passes gives every token one more expert, each expert taking at most
+    ``ceil(T / E)`` tokens per pass: waiting tokens propose to their best expert that still has
+    room (and that they do not hold yet); each expert accepts its highest-scoring proposals up to
+    its room; the rest propose again. Every round either places all waiting tokens or fills an
+    expert, so a pass takes at most E rounds of vector operations. This greedy auction
+    approximates BASE layers' linear assignment (Lewis et al., 2021). In the rare case where a
+    token's only experts with room are ones it already holds (K > 1), it overflows into its best
+    other expert, so per-expert loads stay within ``K`` of each other.
+    """
+    num_tokens, num_experts = choice_TE.shape
+    device = choice_TE.device
+    capacity = math.ceil(num_tokens / num_experts)
+    experts_TK = torch.empty(num_tokens, top_k, dtype=torch.long, device=device)
+    allowed_TE = torch.ones(num_tokens, num_experts, dtype=torch.bool, device=device)
+    neg_inf = float("-inf")
+    for k in range(top_k):
+        room_E = torch.full((num_experts,), capacity, dtype=torch.long, device=device)
+        expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        pending_P = torch.arange(num_tokens, device=device)
+        while pending_P.numel():
+            pref_PE = choice_TE[pending_P].masked_fill(~(allowed_TE[pending_P] & (room_E > 0)), neg_inf)
+            best_score_P, best_P = pref_PE.max(dim=-1)
+            stuck_P = best_score_P == neg_inf
+            if bool(stuck_P.any()):
+                stuck_tokens = pending_P[stuck_P]
+                fallback = choice_TE[stuck_tokens].masked_fill(~allowed_TE[stuck_tokens], neg_inf).argmax(dim=-1)
+                expert_T[stuck_tokens] = fallback
+                room_E -= torch.bincount(fallback, minlength=num_experts)
+                pending_P, best_P, best_score_P = pending_P[~stuck_P], best_P[~stuck_P], best_score_P[~stuck_P]
+            # Proposals grouped by expert, best score first inside each group.
+            order = best_score_P.argsort(descending=True, stable=True)
+            order = order[best_P[order].argsort(stable=True)]
+            sorted_experts = best_P[order]
+            counts_E = torch.bincount(sorted_experts, minlength=num_experts)
+            starts_E = counts_E.cumsum(0) - counts_E
+            rank = torch.arange(order.numel(), device=device) - starts_E[sorted_experts]
+            accepted = rank < room_E[sorted_experts]
+            winners = order[accepted]
+            expert_T[pending_P[winners]] = best_P[winners]
+            room_E -= torch.bincount(best_P[winners], minlength=num_experts)
+            pending_P = pending_P[order[~accepted]]
+        experts_TK[:, k] = expert_T
+        allowed_TE[torch.arange(num_tokens, device=device), expert_T] = False
+    return experts_TK
+
+
+class BalancedRouter(Router):
+    """Balanced global assignment in training, plain top-k at evaluation.
+
+    ``method="greedy"``: a greedy auction over the whole batch (BASE-layer style) in which every
+    expert receives ``ceil(T / E)`` tokens per pass, so loads are equal up to rounding.
+    ``method="sinkhorn"``: tokens take their top-k of the Sinkhorn-normalised scores
+    (Megatron-Core's ``sinkhorn`` load balancing, S-BASE): loads are close to equal, not exactly.
+    In both, gate weights are the softmax scores of the chosen experts (renormalised over them when
+    ``renormalize=True``), so the router learns through them. At evaluation (``model.eval()``)
+    the router picks each token's plain top-k, the usual practice (BASE layers, Megatron), unless
+    ``balance_in_eval=True``.
+
+    Args:
+        d_model: width of the hidden states routed, >= 1.
+        num_experts: number of experts E, >= 1.
+        top_k: experts per token K, in [1, num_experts].
+        method: ``greedy`` or ``sinkhorn``.
+        sinkhorn_iters: Sinkhorn iterations, >= 1.
+        renormalize: renormalise the gates over a token's K experts.
+        balance_in_eval: keep the balanced assignment at evaluation too.
+        scorer: scorer factory, called as ``scorer(d_model, num_experts)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 1,
+        method: Literal["greedy", "sinkhorn"] = "greedy",
+        sinkhorn_iters: int = 10,
+        renormalize: bool = False,
+        balance_in_eval: bool = False,
+        scorer: ScorerFactory = LinearScorer,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        if method not in ("greedy", "sinkhorn"):
+            raise ValueError(f"`method` must be 'greedy' or 'sinkhorn', got {method!r}.")
+        self.method = method
+        self.sinkhorn_iters = check_positive_int("sinkhorn_iters", sinkhorn_iters)
+        self.renormalize = renormalize
+        self.balance_in_eval = balance_in_eval
+        self.scorer = scorer(d_model, num_experts)
+        if not isinstance(self.scorer, nn.Module) or getattr(self.scorer, "num_experts", None) != num_experts:
+            raise ValueError(f"`scorer` must build a Scorer for num_experts={num_experts}, got {self.scorer!r}.")
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None):
+        logits_TE = self.scorer(x_TD)
+        scores_TE = logits_TE.softmax(dim=-1)
+        if self.training or self.balance_in_eval:
+            if self.method == "greedy":
+                experts_TK = greedy_balanced_assignment(logits_TE.detach(), self.top_k)
+            else:
+                experts_TK = sinkhorn_log(logits_TE.detach(), self.sinkhorn_iters).topk(self.top_k, dim=-1).indices
+        else:
+            experts_TK = scores_TE.detach().topk(self.top_k, dim=-1).indices
+        gates_TK = scores_TE.gather(1, experts_TK)
+        if self.renormalize:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"method={self.method!r}, renormalize={self.renormalize}, balance_in_eval={self.balance_in_eval}")

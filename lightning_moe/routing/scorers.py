@@ -1,0 +1,244 @@
+"""Scorers: how token-to-expert affinity is computed, ``x_TD -> logits_TE`` in float32.
+
+A scorer is half of a router; the selection rule (top-k, group-limited, expert-choice, balanced)
+is the other half and takes a scorer *factory* ``scorer(d_model, num_experts)``, so YAML chooses
+both without repeating widths::
+
+    router:
+      class_path: lightning_moe.routing.TopKRouter
+      init_args:
+        top_k: 2
+        scorer:
+          class_path: lightning_moe.routing.AttentionScorer
+          init_args: {d_key: 64, temperature: 0.5}
+
+Every scorer computes in float32 with autocast off (float64 inputs stay float64): small logit
+differences decide the top-k, and low-precision softmaxes are a known source of MoE instability.
+Each class documents its parameter count; the router-design study's Table I (D=768, E=8) is
+reproduced by ``lightning-moe-bench-routers``.
+
+Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``H`` scorer hidden width,
+``Q`` query/key width of the attention scorer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe._validate import check_positive_float, check_positive_int
+
+__all__ = [
+    "AttentionScorer",
+    "HybridScorer",
+    "LinearScorer",
+    "MLPHadamardScorer",
+    "MLPScorer",
+    "Scorer",
+    "ScorerFactory",
+]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh,
+}
+
+
+class Scorer(nn.Module):
+    """Base class: ``forward(x_TD) -> logits_TE`` (float32 or wider), one logit per expert."""
+
+    d_model: int
+    num_experts: int
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self.logits(x_TD.to(dtype), dtype)
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:  # pragma: no cover - abstract
+        """``x_TD`` already in ``dtype`` (float32 or wider); parameters must be cast to it."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}"
+
+
+ScorerFactory = Callable[[int, int], Scorer]
+"""Builds a scorer from ``(d_model, num_experts)``; routers call it, YAML never repeats widths."""
+
+
+def _linear_init(weight: Tensor, fan_in: int) -> None:
+    # nn.Linear's default scale, so outputs are O(1) whatever the fan-in.
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class LinearScorer(Scorer):
+    """One projection to E logits (Shazeer, Switch, Mixtral). Parameters: ``E * D`` (no bias)."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__(d_model, num_experts)
+        self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _linear_init(self.weight_ED, self.d_model)
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.linear(x_TD, self.weight_ED.to(dtype))
+
+
+class AttentionScorer(Scorer):
+    """Token queries against learned per-expert keys, both L2-normalised, over a temperature.
+
+    ``logits = <q / |q|, k_e / |k_e|> / temperature`` with ``q = W_q x``: a cosine similarity in
+    [-1, 1], so the temperature alone sets how sharp the routing can get (1.0 keeps every
+    logit within [-1, 1]: nearly uniform scores, as in the router study's Table I; X-MoE's cosine
+    router uses about 0.07). Parameters: ``D * Q + E * Q`` (``W_q`` has no bias), 49,664 at D=768,
+    E=8, Q=64 as in the study.
+
+    Args:
+        d_key: query/key width Q, >= 1.
+        temperature: divides the cosine similarities, > 0.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, d_key: int = 64, temperature: float = 1.0) -> None:
+        super().__init__(d_model, num_experts)
+        self.d_key = check_positive_int("d_key", d_key)
+        self.temperature = check_positive_float("temperature", temperature)
+        self.query_QD = nn.Parameter(torch.empty(d_key, d_model))
+        self.keys_EQ = nn.Parameter(torch.empty(num_experts, d_key))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _linear_init(self.query_QD, self.d_model)
+        nn.init.normal_(self.keys_EQ)
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        q_TQ = F.normalize(F.linear(x_TD, self.query_QD.to(dtype)), dim=-1)
+        k_EQ = F.normalize(self.keys_EQ.to(dtype), dim=-1)
+        return (q_TQ @ k_EQ.T) / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_key={self.d_key}, temperature={self.temperature}"
+
+
+class MLPScorer(Scorer):
+    """A hidden layer with a non-linearity: ``logits = W_2 act(W_1 x + b_1) + b_2``.
+
+    Parameters: ``D * H + H + H * E + E`` (99,464 at D=768, E=8, H=128).
+
+    Args:
+        d_hidden: hidden width H, >= 1.
+        activation: ``gelu``, ``relu``, ``silu`` or ``tanh``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        d_hidden: int = 128,
+        activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu",
+    ) -> None:
+        super().__init__(d_model, num_experts)
+        self.d_hidden = check_positive_int("d_hidden", d_hidden)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
+        self.activation = activation
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, num_experts)
+
+    def hidden(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        return _ACTIVATIONS[self.activation](F.linear(x_TD, self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)))
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.linear(self.hidden(x_TD, dtype), self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_hidden={self.d_hidden}, activation={self.activation!r}"
+
+
+class MLPHadamardScorer(MLPScorer):
+    """MLP features times a projection of the input, element-wise, then a linear map to logits.
+
+    ``logits = W_2 (act(W_1 x + b_1) * (W_p x)) + b_2``: the product lets features of the input
+    gate the MLP's features, which with top-k gives the structured, sparse routing the router
+    study reported (lowest entropy, highest mean top-k probability). Parameters:
+    ``2 * D * H + H + H * E + E`` (197,768 at D=768, E=8, H=128; ``W_p`` has no bias).
+
+    Args:
+        d_hidden: hidden width H, >= 1.
+        activation: ``gelu``, ``relu``, ``silu`` or ``tanh``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        d_hidden: int = 128,
+        activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu",
+    ) -> None:
+        super().__init__(d_model, num_experts, d_hidden, activation)
+        self.proj_HD = nn.Parameter(torch.empty(d_hidden, d_model))
+        _linear_init(self.proj_HD, d_model)
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        z_TH = self.hidden(x_TD, dtype) * F.linear(x_TD, self.proj_HD.to(dtype))
+        return F.linear(z_TH, self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
+
+
+class HybridScorer(Scorer):
+    """Linear and attention logits mixed: ``w_lin * linear(x) + w_att * attention(x)``.
+
+    The two weights are a softmax over two mixing logits (a convex combination), learned by
+    default or fixed at ``linear_weight`` when ``learn_mix=False``. Parameters: the linear
+    scorer's, the attention scorer's, plus 2 when learned (55,810 at D=768, E=8, Q=64, as in the
+    router study).
+
+    Args:
+        d_key: query/key width of the attention part, >= 1.
+        temperature: the attention part's temperature, > 0.
+        linear_weight: initial (or fixed) weight of the linear part, in (0, 1).
+        learn_mix: learn the mixing weights.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        d_key: int = 64,
+        temperature: float = 1.0,
+        linear_weight: float = 0.5,
+        learn_mix: bool = True,
+    ) -> None:
+        super().__init__(d_model, num_experts)
+        if not (isinstance(linear_weight, (int, float)) and 0.0 < linear_weight < 1.0):
+            raise ValueError(f"`linear_weight` must be in (0, 1), got {linear_weight!r}.")
+        self.linear = LinearScorer(d_model, num_experts)
+        self.attention = AttentionScorer(d_model, num_experts, d_key, temperature)
+        mix_2 = torch.tensor([math.log(linear_weight), math.log(1.0 - linear_weight)])
+        if learn_mix:
+            self.mix_2 = nn.Parameter(mix_2)
+        else:
+            self.register_buffer("mix_2", mix_2)
+        self.learn_mix = learn_mix
+
+    def mix_weights(self) -> Tensor:
+        """``(w_lin, w_att)``, summing to 1."""
+        return self.mix_2.float().softmax(dim=0)
+
+    def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        w_2 = self.mix_2.to(dtype).softmax(dim=0)
+        return w_2[0] * self.linear.logits(x_TD, dtype) + w_2[1] * self.attention.logits(x_TD, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, learn_mix={self.learn_mix}"
