@@ -35,27 +35,56 @@ def sinkhorn_log(logits_TE: Tensor, num_iters: int) -> Tensor:
     return log_p_TE
 
 
+def _place_stuck_token(token: int, choice_TE: Tensor, allowed_TE: Tensor, expert_T: Tensor, room_E: Tensor) -> None:
+    """Place a token whose only experts with room are ones it already holds.
+
+    Swap: a token placed in this pass on an expert f the stuck token lacks moves to an expert e
+    with room that it lacks, and the stuck token takes f (the swap that loses the least score).
+    Without such a swap, the token overflows into its best expert it does not hold.
+    """
+    neg_inf = float("-inf")
+    has_room_E = room_E > 0
+    placed = expert_T >= 0
+    f_T = expert_T.clamp_min(0)
+    # candidate movers: placed, on an expert the stuck token lacks; targets: experts with room the mover lacks.
+    mover_ok_T = placed & allowed_TE[token, f_T] & (torch.arange(expert_T.numel(), device=expert_T.device) != token)
+    gain_TE = choice_TE - choice_TE.gather(1, f_T.unsqueeze(1)) + choice_TE[token, f_T].unsqueeze(1)
+    gain_TE = gain_TE.masked_fill(~(allowed_TE & has_room_E & mover_ok_T.unsqueeze(1)), neg_inf)
+    best = int(gain_TE.argmax())
+    mover, target = divmod(best, choice_TE.shape[1])
+    if gain_TE[mover, target] > neg_inf:
+        expert_T[token] = expert_T[mover]
+        expert_T[mover] = target
+        room_E[target] -= 1
+        return
+    fallback = int(choice_TE[token].masked_fill(~allowed_TE[token], neg_inf).argmax())
+    expert_T[token] = fallback
+    room_E[fallback] -= 1
+
+
 @torch.no_grad()
 def greedy_balanced_assignment(choice_TE: Tensor, top_k: int) -> Tensor:
     """``(T, K)`` distinct experts per token with every expert's load equal, up to rounding.
 
-    Each of K passes gives every token one more expert, each expert taking at most
-    ``ceil(T / E)`` tokens per pass: waiting tokens propose to their best expert that still has
+    Each of K passes gives every token one more expert, an expert holding at most
+    ``ceil((k + 1) T / E)`` tokens after pass k: waiting tokens propose to their best expert that still has
     room (and that they do not hold yet); each expert accepts its highest-scoring proposals up to
     its room; the rest propose again. Every round either places all waiting tokens or fills an
     expert, so a pass takes at most E rounds of vector operations. This greedy auction
-    approximates BASE layers' linear assignment (Lewis et al., 2021). In the rare case where a
-    token's only experts with room are ones it already holds (K > 1), it overflows into its best
-    other expert, so per-expert loads stay within ``K`` of each other.
+    approximates BASE layers' linear assignment (Lewis et al., 2021). When a token's only
+    experts with room are ones it already holds (K > 1), it swaps with a token placed earlier in
+    the pass; only when no swap exists does it overflow (then the next pass gives the room back).
     """
     num_tokens, num_experts = choice_TE.shape
     device = choice_TE.device
-    capacity = math.ceil(num_tokens / num_experts)
+    load_E = torch.zeros(num_experts, dtype=torch.long, device=device)
     experts_TK = torch.empty(num_tokens, top_k, dtype=torch.long, device=device)
     allowed_TE = torch.ones(num_tokens, num_experts, dtype=torch.bool, device=device)
     neg_inf = float("-inf")
     for k in range(top_k):
-        room_E = torch.full((num_experts,), capacity, dtype=torch.long, device=device)
+        # Room is cumulative: after pass k an expert holds at most ceil((k + 1) T / E) tokens, so an
+        # overflow in one pass is taken back in the next.
+        room_E = (math.ceil((k + 1) * num_tokens / num_experts) - load_E).clamp_min(0)
         expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
         pending_P = torch.arange(num_tokens, device=device)
         while pending_P.numel():
@@ -63,10 +92,8 @@ def greedy_balanced_assignment(choice_TE: Tensor, top_k: int) -> Tensor:
             best_score_P, best_P = pref_PE.max(dim=-1)
             stuck_P = best_score_P == neg_inf
             if bool(stuck_P.any()):
-                stuck_tokens = pending_P[stuck_P]
-                fallback = choice_TE[stuck_tokens].masked_fill(~allowed_TE[stuck_tokens], neg_inf).argmax(dim=-1)
-                expert_T[stuck_tokens] = fallback
-                room_E -= torch.bincount(fallback, minlength=num_experts)
+                for token in pending_P[stuck_P].tolist():
+                    _place_stuck_token(token, choice_TE, allowed_TE, expert_T, room_E)
                 pending_P, best_P, best_score_P = pending_P[~stuck_P], best_P[~stuck_P], best_score_P[~stuck_P]
             # Proposals grouped by expert, best score first inside each group.
             order = best_score_P.argsort(descending=True, stable=True)
@@ -81,6 +108,7 @@ def greedy_balanced_assignment(choice_TE: Tensor, top_k: int) -> Tensor:
             room_E -= torch.bincount(best_P[winners], minlength=num_experts)
             pending_P = pending_P[order[~accepted]]
         experts_TK[:, k] = expert_T
+        load_E += torch.bincount(expert_T, minlength=num_experts)
         allowed_TE[torch.arange(num_tokens, device=device), expert_T] = False
     return experts_TK
 

@@ -35,7 +35,8 @@ class HashRouter(Router):
 
     Without token ids (a bare ``MoELayer`` on hidden states), experts come from a locality-
     sensitive hash of the hidden state: the arg-top-k of its projections on E fixed random
-    Gaussian directions (similar states share experts; isotropic states spread evenly).
+    directions, orthonormal when E <= D (similar states share experts; isotropic states spread
+    evenly).
 
     The tables and directions are buffers drawn from a CPU generator seeded with ``seed``, so
     routing is identical across runs and processes. Gates are ``1/K``; ``scores_TE`` carries the
@@ -65,7 +66,12 @@ class HashRouter(Router):
         self.top_k = check_int_range("top_k", top_k, 1, num_experts)
         self.seed = seed
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("directions_DE", torch.randn(d_model, num_experts, generator=generator))
+        directions_DE = torch.randn(d_model, num_experts, generator=generator, dtype=torch.float64)
+        if num_experts <= d_model:  # orthonormal: every expert equally likely for isotropic states
+            directions_DE = torch.linalg.qr(directions_DE).Q
+        else:
+            directions_DE = directions_DE / directions_DE.norm(dim=0, keepdim=True)
+        self.register_buffer("directions_DE", directions_DE.float())
         if vocab_size is not None:
             check_positive_int("vocab_size", vocab_size)
             perm_V = torch.randperm(vocab_size, generator=generator)
