@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_moe.cli import run_cli
@@ -56,7 +57,65 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
         router = model.model.moe_layers()[0].router
         assert type(router).__name__ == fragment["router"]["class_path"].rsplit(".", 1)[1]
         for key, value in fragment["router"].get("init_args", {}).items():
-            assert getattr(router, key) == value, key
+            if key == "scorer":
+                assert type(router.scorer).__name__ == value["class_path"].rsplit(".", 1)[1]
+                for scorer_key, scorer_value in value.get("init_args", {}).items():
+                    assert getattr(router.scorer, scorer_key) == scorer_value, scorer_key
+            elif key == "expert_bias":
+                assert (router.expert_bias_E is not None) == value
+            elif key == "vocab_size":
+                assert router.expert_of_id_V.numel() == value
+            else:
+                assert getattr(router, key) == value, key
+    if "balancers" in fragment:
+        names = [b["class_path"].rsplit(".", 1)[1] for b in fragment["balancers"]]
+        assert [type(b).__name__ for b in model.model.moe_layers()[0].balancers] == names
+
+
+ROUTER_FRAGMENTS = sorted((CONFIGS / "routers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ROUTER_FRAGMENTS, ids=lambda p: p.stem)
+def test_every_router_config_trains_through_the_cli(path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(path),
+                   "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
+                   "--trainer.logger", "false", "--trainer.callbacks", "null",
+                   "--trainer.enable_checkpointing", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--model.d_model", "64", "--model.n_layers", "2"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 4
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+    stats = cli.model.model.moe_layers()[0].stats
+    assert int(stats.tokens_per_expert_E.sum()) > 0
+
+
+def test_scorer_chosen_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config",
+                  str(CONFIGS / "routers" / "attention.yaml"), "--model.router.scorer.temperature", "0.3",
+                  "--model.router.top_k", "3")
+    router = model.model.moe_layers()[0].router
+    assert (type(router.scorer).__name__, router.scorer.temperature, router.top_k) == ("AttentionScorer", 0.3, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.router.top_k", "9"], "top_k"),
+    (["--config", str(CONFIGS / "routers" / "group_limited.yaml"), "--model.router.num_groups", "3"], "num_groups"),
+    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.router.capacity_factor", "0"],
+     "capacity_factor"),
+    (["--config", str(CONFIGS / "routers" / "attention.yaml"), "--model.router.scorer.temperature", "0"],
+     "temperature"),
+    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.router.jitter", "0.1"], "jitter"),
+])
+def test_bad_router_values_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

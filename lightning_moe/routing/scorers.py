@@ -225,6 +225,7 @@ class HybridScorer(Scorer):
             raise ValueError(f"`linear_weight` must be in (0, 1), got {linear_weight!r}.")
         self.linear = LinearScorer(d_model, num_experts)
         self.attention = AttentionScorer(d_model, num_experts, d_key, temperature)
+        self.d_key, self.temperature, self.linear_weight = d_key, temperature, float(linear_weight)
         mix_2 = torch.tensor([math.log(linear_weight), math.log(1.0 - linear_weight)])
         if learn_mix:
             self.mix_2 = nn.Parameter(mix_2)
