@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package (console scripts), e.g. ``lightning-moe-bench-routers``."""
