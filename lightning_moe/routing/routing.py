@@ -17,9 +17,11 @@ class Routing:
     """A routing decision, read by dispatch, balancing losses, statistics and kernels.
 
     Attributes:
-        scores_TE: normalised router scores (softmax over all experts for token-choice
-            softmax routing), with grad; balancing losses read these.
-        logits_TE: raw float32 router logits, with grad; the z-loss reads these.
+        scores_TE: normalised router scores, each row summing to 1 (the softmax over experts;
+            sigmoid scores divided by their sum; ``1/K`` on the chosen experts for hash and
+            random routing), with grad; balancing losses and statistics read these.
+        logits_TE: raw float32 router logits, with grad; the z-loss reads these (zeros for
+            parameter-free routers).
         token_A: ``(A,)`` int64 token index of each kept assignment.
         expert_A: ``(A,)`` int64 expert index of each kept assignment.
         weight_A: ``(A,)`` float32 gate weight of each kept assignment, with grad.
