@@ -10,11 +10,11 @@ import math
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_moe._validate import check_int_range, check_positive_int
 from lightning_moe.routing.routing import Router
-from lightning_moe.routing.scorers import LinearScorer, ScorerFactory
+from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 from lightning_moe.routing.topk import token_choice_routing
 
 
@@ -157,9 +157,7 @@ class BalancedRouter(Router):
         self.sinkhorn_iters = check_positive_int("sinkhorn_iters", sinkhorn_iters)
         self.renormalize = renormalize
         self.balance_in_eval = balance_in_eval
-        self.scorer = scorer(d_model, num_experts)
-        if not isinstance(self.scorer, nn.Module) or getattr(self.scorer, "num_experts", None) != num_experts:
-            raise ValueError(f"`scorer` must build a Scorer for num_experts={num_experts}, got {self.scorer!r}.")
+        self.scorer = build_scorer(scorer, d_model, num_experts)
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None):
         logits_TE = self.scorer(x_TD)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_moe._validate import check_positive_float, check_positive_int
 from lightning_moe.routing.routing import Router, Routing
-from lightning_moe.routing.scorers import LinearScorer, ScorerFactory
+from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
 
 class ExpertChoiceRouter(Router):
@@ -48,9 +48,7 @@ class ExpertChoiceRouter(Router):
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         self.top_k = max(1, min(num_experts, round(capacity_factor)))
-        self.scorer = scorer(d_model, num_experts)
-        if not isinstance(self.scorer, nn.Module) or getattr(self.scorer, "num_experts", None) != num_experts:
-            raise ValueError(f"`scorer` must build a Scorer for num_experts={num_experts}, got {self.scorer!r}.")
+        self.scorer = build_scorer(scorer, d_model, num_experts)
 
     @property
     def experts_per_token(self) -> float:

@@ -41,6 +41,7 @@ __all__ = [
     "MLPScorer",
     "Scorer",
     "ScorerFactory",
+    "build_scorer",
 ]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -74,6 +75,15 @@ class Scorer(nn.Module):
 
 ScorerFactory = Callable[[int, int], Scorer]
 """Builds a scorer from ``(d_model, num_experts)``; routers call it, YAML never repeats widths."""
+
+
+def build_scorer(factory: ScorerFactory, d_model: int, num_experts: int) -> Scorer:
+    """Call a scorer factory and check that it built a :class:`Scorer` of the right size."""
+    scorer = factory(d_model, num_experts)
+    if not isinstance(scorer, Scorer) or (scorer.d_model, scorer.num_experts) != (d_model, num_experts):
+        raise ValueError(f"`scorer` must build a Scorer for d_model={d_model}, num_experts={num_experts}, "
+                         f"got {scorer!r}.")
+    return scorer
 
 
 def _linear_init(weight: Tensor, fan_in: int) -> None:

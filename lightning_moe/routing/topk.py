@@ -10,11 +10,11 @@ import warnings
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float, check_positive_int
 from lightning_moe.routing.routing import Router, Routing
-from lightning_moe.routing.scorers import LinearScorer, ScorerFactory
+from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
 
 def token_choice_routing(scores_TE: Tensor, logits_TE: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Routing:
@@ -85,9 +85,7 @@ class TopKRouter(Router):
                 "router learns from the balancing losses only. Use renormalize=False for Switch-style top-1 routing.",
                 stacklevel=2,
             )
-        self.scorer = scorer(d_model, num_experts)
-        if not isinstance(self.scorer, nn.Module) or getattr(self.scorer, "num_experts", None) != num_experts:
-            raise ValueError(f"`scorer` must build a Scorer for num_experts={num_experts}, got {self.scorer!r}.")
+        self.scorer = build_scorer(scorer, d_model, num_experts)
         if expert_bias:
             self.register_buffer("expert_bias_E", torch.zeros(num_experts))
         else:
