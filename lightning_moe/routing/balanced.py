@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe._validate import check_positive_int
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 from lightning_moe.routing.topk import token_choice_routing
@@ -116,8 +116,8 @@ def greedy_balanced_assignment(choice_TE: Tensor, top_k: int) -> Tensor:
 class BalancedRouter(Router):
     """Balanced global assignment in training, plain top-k at evaluation.
 
-    ``method="greedy"``: a greedy auction over the whole batch (BASE-layer style) in which every
-    expert receives ``ceil(T / E)`` tokens per pass, so loads are equal up to rounding.
+    ``method="greedy"``: a greedy auction over the whole batch (BASE-layer style) in which no
+    expert receives more than ``ceil(K T / E)`` assignments, so loads are equal up to rounding.
     ``method="sinkhorn"``: tokens take their top-k of the Sinkhorn-normalised scores
     (Megatron-Core's ``sinkhorn`` load balancing, S-BASE): loads are close to equal, not exactly.
     In both, gate weights are the softmax scores of the chosen experts (renormalised over them when
@@ -147,10 +147,7 @@ class BalancedRouter(Router):
         balance_in_eval: bool = False,
         scorer: ScorerFactory = LinearScorer,
     ) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        super().__init__(d_model, num_experts, top_k)
         if method not in ("greedy", "sinkhorn"):
             raise ValueError(f"`method` must be 'greedy' or 'sinkhorn', got {method!r}.")
         self.method = method

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_positive_float, check_positive_int
+from lightning_moe._validate import check_positive_float
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
@@ -43,11 +43,9 @@ class ExpertChoiceRouter(Router):
         capacity_factor: float = 2.0,
         scorer: ScorerFactory = LinearScorer,
     ) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
-        self.top_k = max(1, min(num_experts, round(capacity_factor)))
+        check_positive_float("capacity_factor", capacity_factor)
+        super().__init__(d_model, num_experts, max(1, min(num_experts, round(capacity_factor))))
+        self.capacity_factor = float(capacity_factor)
         self.scorer = build_scorer(scorer, d_model, num_experts)
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe._validate import check_positive_int
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import token_choice_routing
 
@@ -60,10 +60,7 @@ class HashRouter(Router):
         vocab_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        super().__init__(d_model, num_experts, top_k)
         self.seed = seed
         generator = torch.Generator().manual_seed(seed)
         directions_DE = torch.randn(d_model, num_experts, generator=generator, dtype=torch.float64)
@@ -141,10 +138,7 @@ class RandomRouter(Router):
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        super().__init__(d_model, num_experts, top_k)
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_moe._validate import check_int_range, check_positive_int
+
 
 @dataclass
 class Routing:
@@ -60,15 +62,18 @@ class Routing:
 class Router(nn.Module):
     """Base class of every router: ``forward(x_TD, token_ids_T=None) -> Routing``.
 
-    Subclasses set ``d_model``, ``num_experts`` and ``top_k`` (experts per token of the
-    selection rule). ``token_ids_T`` are the token ids of the routed hidden states when the
-    model passes them down (``MoETransformer`` does); only id-hash routing reads them.
+    ``d_model``, ``num_experts`` and ``top_k`` (experts per token of the selection rule) are
+    checked here, each error naming the parameter and its range. ``token_ids_T`` are the token
+    ids of the routed hidden states when the model passes them down (``MoETransformer`` does);
+    only id-hash routing reads them.
     A router that supports auxiliary-loss-free balancing owns an ``expert_bias_E`` buffer.
     """
 
-    d_model: int
-    num_experts: int
-    top_k: int
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
 
     @property
     def experts_per_token(self) -> float:

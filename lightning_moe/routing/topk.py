@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float, check_positive_int
+from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
@@ -67,10 +67,7 @@ class TopKRouter(Router):
         jitter: float = 0.0,
         expert_bias: bool = False,
     ) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.top_k = check_int_range("top_k", top_k, 1, num_experts)
+        super().__init__(d_model, num_experts, top_k)
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"`score_func` must be 'softmax' or 'sigmoid', got {score_func!r}.")
         self.score_func = score_func
