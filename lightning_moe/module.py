@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
 from lightning_moe.models.transformer import MoETransformer, RouterFactory
 from lightning_moe.optim import WarmupCosineLR
+from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.topk import TopKRouter
 
 
@@ -47,6 +48,8 @@ class MoELanguageModel(L.LightningModule):
         balancers: auxiliary losses of every MoE layer; ``None`` means
             ``[SwitchAuxLoss(0.01), ZLoss(0.001)]``, ``[]`` means none.
         dispatcher: dispatch backend, ``grouped`` (fast) or ``loop`` (reference).
+        capacity: expert capacity with token dropping
+            (:class:`~lightning_moe.routing.ExpertCapacity`); ``None`` is dropless.
         optimizer: optimizer factory, called with the parameters.
         lr_scheduler: LR scheduler factory, called with the optimizer and stepped every
             optimizer step; ``None`` keeps the LR constant.
@@ -66,6 +69,7 @@ class MoELanguageModel(L.LightningModule):
         router: RouterFactory = TopKRouter,
         balancers: list[Balancer] | None = None,
         dispatcher: Literal["grouped", "loop"] = "grouped",
+        capacity: ExpertCapacity | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -80,7 +84,7 @@ class MoELanguageModel(L.LightningModule):
             balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
         self.model = MoETransformer(
             vocab_size, max_seq_len, d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every,
-            router, balancers, dispatcher,
+            router, balancers, dispatcher, capacity,
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_non_negative
+from lightning_moe._validate import check_non_negative, check_positive_int
 from lightning_moe.routing.routing import Routing
 
 
@@ -28,6 +28,12 @@ class Balancer:
 
     def loss(self, routing: Routing) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check(self, num_experts: int) -> None:
+        """Raise ``ValueError`` if this balancer cannot serve a layer of ``num_experts`` experts.
+
+        ``MoELayer`` calls it when built, so a bad setting fails before training starts.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(coeff={self.coeff})"
@@ -64,6 +70,140 @@ class SwitchAuxLoss(Balancer):
         return self.coeff * num_experts * torch.dot(f_E, p_E)
 
 
+class SequenceAuxLoss(Balancer):
+    """Sequence-level f·P balance loss (DeepSeek-V3's complementary sequence-wise loss).
+
+    The Switch loss computed within each sequence, then averaged over the ``N`` sequences:
+
+    .. math::
+
+        L = \\frac{\\alpha}{N} \\sum_{n=1}^{N} E \\sum_{e=1}^{E} f_{n,e} P_{n,e}, \\qquad
+        f_{n,e} = \\frac{n_{n,e}}{A_n}, \\qquad P_{n,e} = \\frac{1}{S} \\sum_{t \\in n} s_{t,e}
+
+    DeepSeek-V3 writes ``f_i = E / (K S) * count`` and ``L = alpha * sum_i f_i P_i``; with
+    ``A_n = K S`` that is the same number. Megatron-Core's ``seq_aux_loss`` uses this scaling too.
+    A router balanced within every sequence gives exactly ``L = alpha``; a batch can be balanced
+    overall while each sequence is not, which this loss (unlike :class:`SwitchAuxLoss`) penalises.
+    Sequences come from ``Routing.seq_len`` (set by ``MoELayer`` from a ``(B, S, D)`` input); with
+    none, the batch is one sequence and the loss equals :class:`SwitchAuxLoss`.
+
+    Args:
+        coeff: the coefficient alpha, >= 0 (DeepSeek-V3 uses 1e-4, an "extremely small" value).
+    """
+
+    name = "seq_aux_loss"
+
+    def __init__(self, coeff: float = 1e-4) -> None:
+        super().__init__(coeff)
+
+    def loss(self, routing: Routing) -> Tensor:
+        num_tokens, num_experts = routing.scores_TE.shape
+        seq_len = routing.seq_len or num_tokens
+        if num_tokens % seq_len:
+            raise ValueError(f"Routing.seq_len={seq_len} does not divide the {num_tokens} routed tokens.")
+        num_seqs = num_tokens // seq_len
+        seq_A = torch.div(routing.token_A, seq_len, rounding_mode="floor")
+        counts_NE = torch.zeros(num_seqs, num_experts, device=seq_A.device, dtype=routing.scores_TE.dtype)
+        counts_NE.index_put_((seq_A, routing.expert_A), torch.ones_like(seq_A, dtype=counts_NE.dtype), accumulate=True)
+        f_NE = counts_NE / counts_NE.sum(dim=1, keepdim=True).clamp_min(1.0)
+        p_NE = routing.scores_TE.view(num_seqs, seq_len, num_experts).mean(dim=1)
+        return self.coeff * num_experts * (f_NE * p_NE).sum(dim=1).mean()
+
+
+def _check_devices(num_devices: int, num_experts: int) -> None:
+    if num_experts % num_devices:
+        raise ValueError(
+            f"`num_devices` ({num_devices}) must divide `num_experts` ({num_experts}) into equal groups; "
+            f"valid values: {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}."
+        )
+
+
+class DeviceAuxLoss(Balancer):
+    """Device-level balance loss (DeepSeek-V2): balance the load of expert *groups*, not experts.
+
+    The E experts form ``num_devices`` groups of ``E/G`` consecutive experts (the experts each
+    device holds under expert parallelism). With ``f_e = E n_e / A`` (1 when balanced) and
+    ``P_e`` the mean score of expert ``e``:
+
+    .. math::
+
+        L = \\alpha \\sum_{i=1}^{G} f'_i P'_i, \\qquad f'_i = \\frac{1}{|\\mathcal{E}_i|}
+        \\sum_{e \\in \\mathcal{E}_i} f_e, \\qquad P'_i = \\sum_{e \\in \\mathcal{E}_i} P_e
+
+    Balanced groups give exactly ``L = alpha`` (``f'_i = 1``, ``P'_i = 1/G``), however unevenly
+    the experts inside a group share their group's load. ``num_devices = E`` is the Switch loss.
+
+    Args:
+        num_devices: number of expert groups G, >= 1, dividing the layer's experts.
+        coeff: the coefficient alpha, >= 0 (DeepSeek-V2: 0.05).
+    """
+
+    name = "device_aux_loss"
+
+    def __init__(self, num_devices: int, coeff: float = 0.05) -> None:
+        super().__init__(coeff)
+        self.num_devices = check_positive_int("num_devices", num_devices)
+
+    def check(self, num_experts: int) -> None:
+        _check_devices(self.num_devices, num_experts)
+
+    def loss(self, routing: Routing) -> Tensor:
+        num_experts = routing.num_experts
+        self.check(num_experts)
+        dtype = routing.scores_TE.dtype
+        f_E = num_experts * routing.tokens_per_expert().to(dtype) / max(routing.expert_A.numel(), 1)
+        f_G = f_E.view(self.num_devices, -1).mean(dim=1)
+        p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
+        return self.coeff * torch.dot(f_G, p_G)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
+
+
+class CommBalanceLoss(Balancer):
+    """Communication balance loss (DeepSeek-V2): balance the tokens each device *receives*.
+
+    A token is sent to device ``i`` once if any of its kept assignments lands in group ``i``,
+    however many of its experts live there. With ``h_i`` such (token, device) pairs:
+
+    .. math::
+
+        L = \\alpha \\sum_{i=1}^{G} f''_i P''_i, \\qquad f''_i = \\frac{G\\, h_i}{\\sum_j h_j},
+        \\qquad P''_i = \\sum_{e \\in \\mathcal{E}_i} P_e
+
+    DeepSeek-V2 divides by ``M T`` (M the devices a token may reach under device-limited
+    routing); dividing by the realised ``sum_j h_j`` is the same when every token reaches M
+    devices, and keeps ``L = alpha`` at balance for any routing rule.
+
+    Args:
+        num_devices: number of expert groups G, >= 1, dividing the layer's experts.
+        coeff: the coefficient alpha, >= 0 (DeepSeek-V2: 0.02).
+    """
+
+    name = "comm_balance_loss"
+
+    def __init__(self, num_devices: int, coeff: float = 0.02) -> None:
+        super().__init__(coeff)
+        self.num_devices = check_positive_int("num_devices", num_devices)
+
+    def check(self, num_experts: int) -> None:
+        _check_devices(self.num_devices, num_experts)
+
+    def loss(self, routing: Routing) -> Tensor:
+        num_tokens, num_experts = routing.scores_TE.shape
+        self.check(num_experts)
+        device_A = torch.div(routing.expert_A, num_experts // self.num_devices, rounding_mode="floor")
+        sent_TG = torch.zeros(num_tokens, self.num_devices, dtype=torch.bool, device=device_A.device)
+        sent_TG[routing.token_A, device_A] = True
+        hits_G = sent_TG.sum(dim=0).to(routing.scores_TE.dtype)
+        f_G = self.num_devices * hits_G / hits_G.sum().clamp_min(1.0)
+        p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
+        return self.coeff * torch.dot(f_G, p_G)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
+
+
 class ZLoss(Balancer):
     """Router z-loss (ST-MoE): the mean squared log-partition of the router logits.
 
@@ -84,3 +224,24 @@ class ZLoss(Balancer):
 
     def loss(self, routing: Routing) -> Tensor:
         return self.coeff * torch.logsumexp(routing.logits_TE.float(), dim=-1).square().mean()
+
+
+def bias_update(bias_E: Tensor, tokens_per_expert_E: Tensor, rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): ``b_e + u * sign(mean load - load_e)``.
+
+    An expert that received more than the mean load gets its selection bias lowered by ``rate``
+    (``u``), one that received less gets it raised, one exactly at the mean keeps it. Pure: returns
+    a new tensor; ``BiasOffsetUpdater`` decides when to call it and with which (all-reduced) loads.
+
+    Args:
+        bias_E: ``(E,)`` current bias offsets.
+        tokens_per_expert_E: ``(E,)`` assignments per expert since the last update.
+        rate: the update rate ``u``, >= 0 (DeepSeek-V3: 1e-3).
+    """
+    check_non_negative("rate", rate)
+    if tokens_per_expert_E.shape != bias_E.shape:
+        raise ValueError(
+            f"`tokens_per_expert_E` has shape {tuple(tokens_per_expert_E.shape)}; the bias has {tuple(bias_E.shape)}."
+        )
+    load_E = tokens_per_expert_E.to(device=bias_E.device, dtype=torch.float64)
+    return bias_E + (rate * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)

@@ -15,6 +15,7 @@ from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLUExperts
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import TopKRouter
 
@@ -34,6 +35,9 @@ class MoELayer(nn.Module):
             ``TopKRouter(d_model, num_experts, top_k=2)``.
         balancers: auxiliary losses computed from each routing decision (none by default).
         dispatcher: dispatch backend name, one of ``lightning_moe.dispatch.DISPATCHERS``.
+        capacity: expert capacity limits (:class:`~lightning_moe.routing.ExpertCapacity`);
+            ``None`` (the default) is dropless. Tokens whose every assignment is dropped come out
+            as zeros, i.e. unchanged through the block's residual connection.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class MoELayer(nn.Module):
         router: Router | None = None,
         balancers: Sequence[Balancer] = (),
         dispatcher: str = "grouped",
+        capacity: ExpertCapacity | None = None,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -58,7 +63,10 @@ class MoELayer(nn.Module):
         names = [b.name for b in balancers]
         if len(set(names)) != len(names):
             raise ValueError(f"`balancers` must have distinct names, got {names}.")
+        for balancer in balancers:
+            balancer.check(num_experts)
         self.balancers = list(balancers)
+        self.capacity = capacity
         self.dispatcher = dispatcher
         self._dispatch = get_dispatcher(dispatcher)
         self.aux_losses: dict[str, Tensor] = {}
@@ -73,10 +81,14 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.d_model)
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        if x.dim() >= 3:
+            routing.seq_len = x.shape[-2]
+        if self.capacity is not None:
+            routing = self.capacity(routing, self.training)
         y_TD = self._dispatch(x_TD, routing, self.experts)
         self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
         self.stats = RoutingStats.from_routing(routing)
         return y_TD.view(x.shape)
 
     def extra_repr(self) -> str:
-        return f"dispatcher={self.dispatcher!r}, balancers={self.balancers}"
+        return f"dispatcher={self.dispatcher!r}, balancers={self.balancers}, capacity={self.capacity}"

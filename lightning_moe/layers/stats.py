@@ -47,6 +47,12 @@ class RoutingStats:
         )
 
     @property
+    def dropped_fraction(self) -> Tensor:
+        """Share of the router's assignments that capacity dropped, in [0, 1]."""
+        kept = self.tokens_per_expert_E.sum()
+        return self.num_dropped.float() / (kept + self.num_dropped).clamp_min(1).float()
+
+    @property
     def load_fraction_E(self) -> Tensor:
         """Share of kept assignments per expert (sums to 1)."""
         counts_E = self.tokens_per_expert_E.float()

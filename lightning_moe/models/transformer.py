@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_int_range, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
+from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.routing.routing import Router
@@ -104,6 +105,7 @@ class MoETransformer(nn.Module):
         router: router factory called as ``router(d_model, num_experts)`` for each MoE layer.
         balancers: auxiliary losses added in every MoE layer.
         dispatcher: dispatch backend name (``"grouped"`` or ``"loop"``).
+        capacity: expert capacity of every MoE layer (``None``: dropless).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class MoETransformer(nn.Module):
         router: RouterFactory = TopKRouter,
         balancers: Sequence[Balancer] = (),
         dispatcher: str = "grouped",
+        capacity: ExpertCapacity | None = None,
     ) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("d_model", d_model),
@@ -136,7 +139,8 @@ class MoETransformer(nn.Module):
 
         def ffn(i: int) -> nn.Module:
             if moe_every and i % moe_every == moe_every - 1:
-                return MoELayer(d_model, expert_d_ff, num_experts, router(d_model, num_experts), balancers, dispatcher)
+                return MoELayer(d_model, expert_d_ff, num_experts, router(d_model, num_experts), balancers, dispatcher,
+                                capacity)
             return SwiGLU(d_model, d_ff)
 
         self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))

@@ -5,8 +5,10 @@ Scorers (``scorer(d_model, num_experts)``, ``x_TD -> logits_TE``): :class:`Linea
 Selection rules, each taking any scorer: :class:`TopKRouter` (softmax or sigmoid, bias, jitter,
 scaling), :class:`GroupLimitedTopKRouter`, :class:`ExpertChoiceRouter`, :class:`BalancedRouter`.
 Parameter-free routers: :class:`HashRouter`, :class:`RandomRouter`.
+Capacity limits with token dropping: :class:`ExpertCapacity` (``MoELayer(capacity=...)``).
 """
 
+from lightning_moe.routing.capacity import ExpertCapacity, drop_over_capacity, expert_capacity
 from lightning_moe.routing.balanced import BalancedRouter, greedy_balanced_assignment, sinkhorn_log
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
 from lightning_moe.routing.hashing import HashRouter, RandomRouter
@@ -23,7 +25,8 @@ from lightning_moe.routing.scorers import (
 from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 
 __all__ = [
-    "AttentionScorer", "BalancedRouter", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
+    "AttentionScorer", "BalancedRouter", "ExpertCapacity", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
     "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "Routing",
-    "Scorer", "ScorerFactory", "TopKRouter", "greedy_balanced_assignment", "sinkhorn_log",
+    "Scorer", "ScorerFactory", "TopKRouter", "drop_over_capacity", "expert_capacity", "greedy_balanced_assignment",
+    "sinkhorn_log",
 ]

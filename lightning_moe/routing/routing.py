@@ -29,6 +29,9 @@ class Routing:
         weight_A: ``(A,)`` float32 gate weight of each kept assignment, with grad.
         num_dropped: assignments the selection rule wanted but capacity removed (0 if
             dropless); an int or a 0-d tensor.
+        seq_len: tokens per sequence when the ``T`` tokens are whole sequences laid end to end
+            (``MoELayer`` sets it from a ``(..., S, D)`` input); ``None`` treats all ``T`` tokens
+            as one sequence. The sequence-level balancing loss reads it.
 
     Token-choice top-k gives ``A = T * K``; expert-choice gives ``A = E * C``.
     """
@@ -39,6 +42,7 @@ class Routing:
     expert_A: Tensor
     weight_A: Tensor
     num_dropped: Tensor | int = 0
+    seq_len: int | None = None
     _tokens_per_expert_E: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property

@@ -69,6 +69,11 @@ class Scorer(nn.Module):
         """``x_TD`` already in ``dtype`` (float32 or wider); parameters must be cast to it."""
         raise NotImplementedError
 
+    def expert_rows(self) -> list[Tensor]:
+        """The parameters whose first dimension indexes experts (row ``e`` belongs to expert ``e``
+        alone); ``DeadExpertDetector`` re-initialises those rows when it revives an expert."""
+        return []
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}"
 
@@ -103,6 +108,9 @@ class LinearScorer(Scorer):
     def reset_parameters(self) -> None:
         _linear_init(self.weight_ED, self.d_model)
 
+    def expert_rows(self) -> list[Tensor]:
+        return [self.weight_ED]
+
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         return F.linear(x_TD, self.weight_ED.to(dtype))
 
@@ -132,6 +140,9 @@ class AttentionScorer(Scorer):
     def reset_parameters(self) -> None:
         _linear_init(self.query_QD, self.d_model)
         nn.init.normal_(self.keys_EQ)
+
+    def expert_rows(self) -> list[Tensor]:
+        return [self.keys_EQ]
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         q_TQ = F.normalize(F.linear(x_TD, self.query_QD.to(dtype)), dim=-1)
@@ -169,6 +180,9 @@ class MLPScorer(Scorer):
 
     def hidden(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         return _ACTIVATIONS[self.activation](F.linear(x_TD, self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)))
+
+    def expert_rows(self) -> list[Tensor]:
+        return [self.fc2.weight, self.fc2.bias]
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         return F.linear(self.hidden(x_TD, dtype), self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
@@ -246,6 +260,9 @@ class HybridScorer(Scorer):
     def mix_weights(self) -> Tensor:
         """``(w_lin, w_att)``, summing to 1."""
         return self.mix_2.float().softmax(dim=0)
+
+    def expert_rows(self) -> list[Tensor]:
+        return self.linear.expert_rows() + self.attention.expert_rows()
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         w_2 = self.mix_2.to(dtype).softmax(dim=0)

@@ -1,0 +1,206 @@
+"""Discovery: find every MoE layer in any ``nn.Module`` and give callbacks one view of each.
+
+Legend: ``T`` tokens, ``E`` experts.
+
+``find_moe_layers(model)`` returns a :class:`MoELayerView` per MoE layer, whether the layer is
+our :class:`~lightning_moe.layers.MoELayer` or a Hugging Face MoE block (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, DeepSeek-V3; see :mod:`lightning_moe.integrations.hf`). Callbacks use only
+this view, so they work in projects that never used our model class. For Hugging Face blocks the
+view captures the router's decision with a forward hook on the block's gate; the user's code
+does not change.
+
+Each view exposes:
+
+- ``stats``: a detached :class:`~lightning_moe.layers.RoutingStats` of the layer's last forward
+  (tokens per expert, mean scores, entropy, dropped assignments), ``None`` before the first;
+- ``aux_losses`` and ``balancers`` (our layers; empty for Hugging Face blocks);
+- ``expert_bias``: the auxiliary-loss-free bias buffer when the router has one
+  (``expert_bias_E`` in ours, ``e_score_correction_bias`` in DeepSeek-V3), else ``None``;
+- ``revive(dead, sources, noise, generator)``: re-initialise dead experts from live ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.balancing.losses import Balancer
+from lightning_moe.layers.moe_layer import MoELayer
+from lightning_moe.layers.stats import RoutingStats
+
+
+class MoELayerView:
+    """One MoE layer as callbacks see it; subclasses adapt a layer family.
+
+    Attributes:
+        name: the layer's qualified name in the model searched (``named_modules`` order).
+        module: the layer itself.
+        num_experts: E.
+    """
+
+    family: str = "moe"
+
+    def __init__(self, name: str, module: nn.Module, num_experts: int) -> None:
+        self.name = name
+        self.module = module
+        self.num_experts = num_experts
+
+    @property
+    def stats(self) -> RoutingStats | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return {}
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return []
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return None
+
+    def expert_tensors(self) -> list[Tensor]:
+        """Expert weights whose first dimension indexes experts (fused layouts)."""
+        return []
+
+    def router_rows(self) -> list[Tensor]:
+        """Router parameters whose first dimension indexes experts."""
+        return []
+
+    @torch.no_grad()
+    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
+               generator: torch.Generator | None = None) -> list[Tensor]:
+        """Re-initialise each ``dead[i]`` expert as a copy of ``sources[i]`` plus noise.
+
+        The expert's weights and its router row become the source's, each perturbed by Gaussian
+        noise of standard deviation ``noise`` times the source row's standard deviation (so the
+        two experts split the source's tokens and then drift apart); the bias offset, where there
+        is one, becomes the source's. Noise is drawn on the CPU from ``generator``, so ranks that
+        pass equally seeded generators make identical changes. Returns the tensors changed, so a
+        caller can reset their optimizer state.
+        """
+        if len(dead) != len(sources):
+            raise ValueError(f"`dead` ({len(dead)}) and `sources` ({len(sources)}) must have the same length.")
+        changed = [*self.expert_tensors(), *self.router_rows()]
+        for dst, src in zip(dead, sources):
+            for tensor in changed:
+                row = tensor[src]
+                scale = row.float().std() if row.numel() > 1 else row.float().abs()
+                eps = torch.randn(row.shape, generator=generator, dtype=torch.float32)
+                tensor[dst] = (row.float() + noise * scale * eps.to(row.device)).to(tensor.dtype)
+        bias = self.expert_bias
+        if bias is not None:
+            for dst, src in zip(dead, sources):
+                bias[dst] = bias[src]
+            changed.append(bias)
+        return changed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, num_experts={self.num_experts})"
+
+
+class LightningMoEView(MoELayerView):
+    """View of our :class:`~lightning_moe.layers.MoELayer`."""
+
+    family = "lightning_moe"
+
+    def __init__(self, name: str, module: MoELayer) -> None:
+        super().__init__(name, module, module.num_experts)
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        return self.module.stats
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return self.module.aux_losses
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return self.module.balancers
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return getattr(self.module.router, "expert_bias_E", None)
+
+    def expert_tensors(self) -> list[Tensor]:
+        experts = self.module.experts
+        return [experts.w_gate_EDF, experts.w_up_EDF, experts.w_out_EFD]
+
+    def router_rows(self) -> list[Tensor]:
+        scorer = getattr(self.module.router, "scorer", None)
+        return scorer.expert_rows() if scorer is not None else []
+
+
+ViewFactory = Callable[[str, nn.Module], "MoELayerView | None"]
+_ADAPTERS: list[ViewFactory] = []
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, MoELayerView] = weakref.WeakKeyDictionary()
+
+
+def register_moe_adapter(factory: ViewFactory) -> ViewFactory:
+    """Teach :func:`find_moe_layers` a new layer family.
+
+    ``factory(name, module)`` returns a view when ``module`` is an MoE layer of its family, else
+    ``None``. It is called once per module; the view is cached, so hooks it registers are
+    registered once.
+    """
+    _ADAPTERS.append(factory)
+    return factory
+
+
+def _our_layer(name: str, module: nn.Module) -> MoELayerView | None:
+    return LightningMoEView(name, module) if isinstance(module, MoELayer) else None
+
+
+register_moe_adapter(_our_layer)
+
+
+def _view_of(name: str, module: nn.Module) -> MoELayerView | None:
+    view = _VIEWS.get(module)
+    if view is not None:
+        view.name = name
+        return view
+    for factory in _ADAPTERS:
+        view = factory(name, module)
+        if view is not None:
+            _VIEWS[module] = view
+            return view
+    return None
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayerView]:
+    """Every MoE layer inside ``model`` (``model`` included), outermost first, in module order.
+
+    The search does not look inside a layer it has found. Calling it again returns the same view
+    objects. Hugging Face families register themselves when ``lightning_moe.integrations.hf`` is
+    importable (it is imported here when ``transformers`` is installed).
+    """
+    _load_integrations()
+    views: list[MoELayerView] = []
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in found):
+            continue
+        view = _view_of(name, module)
+        if view is not None:
+            views.append(view)
+            found.append(name)
+    return views
+
+
+_INTEGRATIONS_LOADED = False
+
+
+def _load_integrations() -> None:
+    global _INTEGRATIONS_LOADED
+    if _INTEGRATIONS_LOADED:
+        return
+    _INTEGRATIONS_LOADED = True
+    if importlib.util.find_spec("transformers") is not None:
+        import lightning_moe.integrations.hf  # noqa: F401  (registers its adapters)

@@ -1,0 +1,1 @@
+"""Adapters for the MoE layers of other libraries (Hugging Face ``transformers``)."""
