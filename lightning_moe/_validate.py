@@ -31,3 +31,10 @@ def check_positive_float(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
     return float(value)
+
+
+def check_non_negative_int(name: str, value: int) -> int:
+    """Raise ``ValueError`` unless ``value`` is an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    return value

@@ -201,6 +201,6 @@ def _load_integrations() -> None:
     global _INTEGRATIONS_LOADED
     if _INTEGRATIONS_LOADED:
         return
-    _INTEGRATIONS_LOADED = True
     if importlib.util.find_spec("transformers") is not None:
         import lightning_moe.integrations.hf  # noqa: F401  (registers its adapters)
+    _INTEGRATIONS_LOADED = True

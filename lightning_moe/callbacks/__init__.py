@@ -1,6 +1,13 @@
 """Callbacks usable in any Lightning project (one class per file), re-exported here.
 
-``class_path: lightning_moe.callbacks.<Name>`` works in YAML after ``pip install``.
+They find MoE layers with :func:`lightning_moe.discovery.find_moe_layers`, so they work on our
+models and on Hugging Face MoE models alike. ``class_path: lightning_moe.callbacks.<Name>`` works
+in YAML after ``pip install``.
 """
 
-__all__: list[str] = []
+from lightning_moe.callbacks.bias_offset_updater import BiasOffsetUpdater
+from lightning_moe.callbacks.dead_expert_detector import DeadExpertDetector, DeadExpertError
+from lightning_moe.callbacks.schedule import Schedule
+from lightning_moe.callbacks.zloss_scheduler import ZLossScheduler
+
+__all__ = ["BiasOffsetUpdater", "DeadExpertDetector", "DeadExpertError", "Schedule", "ZLossScheduler"]
