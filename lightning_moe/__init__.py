@@ -6,17 +6,27 @@ import without Lightning; ``MoELanguageModel`` and ``TextDataModule`` load Light
 
 from typing import Any
 
-from lightning_moe.balancing import Balancer, SwitchAuxLoss, ZLoss
+from lightning_moe.balancing import (
+    Balancer,
+    CommBalanceLoss,
+    DeviceAuxLoss,
+    SequenceAuxLoss,
+    SwitchAuxLoss,
+    ZLoss,
+    bias_update,
+)
+from lightning_moe.discovery import MoELayerView, find_moe_layers
 from lightning_moe.experts import SwiGLU, SwiGLUExperts
 from lightning_moe.layers import MoELayer, RoutingStats
 from lightning_moe.models import MoETransformer
-from lightning_moe.routing import Router, Routing, TopKRouter
+from lightning_moe.routing import ExpertCapacity, Router, Routing, TopKRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Balancer", "MoELanguageModel", "MoELayer", "MoETransformer", "Router", "Routing", "RoutingStats",
-    "SwiGLU", "SwiGLUExperts", "SwitchAuxLoss", "TextDataModule", "TopKRouter", "ZLoss",
+    "Balancer", "CommBalanceLoss", "DeviceAuxLoss", "ExpertCapacity", "MoELanguageModel", "MoELayer", "MoELayerView",
+    "MoETransformer", "Router", "Routing", "RoutingStats", "SequenceAuxLoss", "SwiGLU", "SwiGLUExperts",
+    "SwitchAuxLoss", "TextDataModule", "TopKRouter", "ZLoss", "bias_update", "find_moe_layers",
 ]
 
 

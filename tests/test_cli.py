@@ -17,7 +17,8 @@ from lightning_moe.module import MoELanguageModel
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cli_configs"
 WHOLE = sorted(CONFIGS.glob("*.yaml"))  # complete experiments
-FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml"))  # add-ons, used on top of tiny.yaml
+CALLBACKS = sorted((CONFIGS / "callbacks").glob("*.yaml"))  # appended with --trainer.callbacks+=FILE
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p not in CALLBACKS)  # used on top of tiny.yaml
 
 
 @pytest.fixture(autouse=True)
@@ -70,9 +71,16 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
     if "balancers" in fragment:
         names = [b["class_path"].rsplit(".", 1)[1] for b in fragment["balancers"]]
         assert [type(b).__name__ for b in model.model.moe_layers()[0].balancers] == names
+        for spec, balancer in zip(fragment["balancers"], model.model.moe_layers()[0].balancers):
+            for key, value in spec.get("init_args", {}).items():
+                assert getattr(balancer, key) == value, key
+    if "capacity" in fragment:
+        capacity = model.model.moe_layers()[0].capacity
+        for key, value in fragment["capacity"]["init_args"].items():
+            assert getattr(capacity, key) == value, key
 
 
-ROUTER_FRAGMENTS = sorted((CONFIGS / "routers").glob("*.yaml"))
+ROUTER_FRAGMENTS = sorted((CONFIGS / "routers").glob("*.yaml")) + sorted((CONFIGS / "balancing").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", ROUTER_FRAGMENTS, ids=lambda p: p.stem)
@@ -90,6 +98,42 @@ def test_every_router_config_trains_through_the_cli(path: Path, monkeypatch: pyt
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     stats = cli.model.model.moe_layers()[0].stats
     assert int(stats.tokens_per_expert_E.sum()) > 0
+
+
+def test_every_callback_config_trains_through_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning_moe import callbacks
+
+    monkeypatch.chdir(tmp_path)
+    assert {p.stem for p in CALLBACKS} == {"bias_offset_updater", "dead_expert_detector", "routing_entropy_logger",
+                                          "zloss_scheduler"}
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
+                   *[f"--trainer.callbacks+={p}" for p in CALLBACKS],
+                   "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--model.d_model", "64", "--model.n_layers", "2"])
+    found = {type(c).__name__: c for c in cli.trainer.callbacks}
+    for path in CALLBACKS:
+        spec = yaml.safe_load(path.read_text())
+        name = spec["class_path"].rsplit(".", 1)[1]
+        assert isinstance(found[name], getattr(callbacks, name))
+    assert found["BiasOffsetUpdater"].num_updates == 3
+    assert found["DeadExpertDetector"].batches_in_window == 3
+    assert found["ZLossScheduler"].coeff == pytest.approx(2 / 200 * 1e-3)
+    biases = [m.router.expert_bias_E for m in cli.model.model.moe_layers()]
+    assert all(b.abs().sum() > 0 for b in biases)
+
+
+def test_scheduled_bias_rate_from_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
+                   "--trainer.callbacks+=lightning_moe.callbacks.BiasOffsetUpdater",
+                   "--trainer.callbacks.rate=lightning_moe.callbacks.Schedule",
+                   "--trainer.callbacks.rate.kind=cosine", "--trainer.callbacks.rate.total_steps=10",
+                   "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--model.d_model", "64", "--model.n_layers", "2"])
+    updater = cli.trainer.callbacks[-1]
+    assert updater.rate.kind == "cosine" and updater.rate.total_steps == 10
 
 
 def test_scorer_chosen_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
