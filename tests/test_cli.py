@@ -109,7 +109,7 @@ def test_every_callback_config_trains_through_the_cli(monkeypatch: pytest.Monkey
     cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
                    *[f"--trainer.callbacks+={p}" for p in CALLBACKS],
                    "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_progress_bar", "false",
                    "--model.d_model", "64", "--model.n_layers", "2"])
     found = {type(c).__name__: c for c in cli.trainer.callbacks}
     for path in CALLBACKS:
@@ -130,9 +130,11 @@ def test_scheduled_bias_rate_from_the_command_line(monkeypatch: pytest.MonkeyPat
                    "--trainer.callbacks.rate=lightning_moe.callbacks.Schedule",
                    "--trainer.callbacks.rate.kind=cosine", "--trainer.callbacks.rate.total_steps=10",
                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_progress_bar", "false",
                    "--model.d_model", "64", "--model.n_layers", "2"])
-    updater = cli.trainer.callbacks[-1]
+    from lightning_moe.callbacks import BiasOffsetUpdater
+
+    updater = next(c for c in cli.trainer.callbacks if isinstance(c, BiasOffsetUpdater))
     assert updater.rate.kind == "cosine" and updater.rate.total_steps == 10
 
 

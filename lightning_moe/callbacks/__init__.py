@@ -7,7 +7,10 @@ in YAML after ``pip install``.
 
 from lightning_moe.callbacks.bias_offset_updater import BiasOffsetUpdater
 from lightning_moe.callbacks.dead_expert_detector import DeadExpertDetector, DeadExpertError
+from lightning_moe.callbacks.routing_entropy_logger import RoutingEntropyLogger
 from lightning_moe.callbacks.schedule import Schedule
 from lightning_moe.callbacks.zloss_scheduler import ZLossScheduler
 
-__all__ = ["BiasOffsetUpdater", "DeadExpertDetector", "DeadExpertError", "Schedule", "ZLossScheduler"]
+__all__ = [
+    "BiasOffsetUpdater", "DeadExpertDetector", "DeadExpertError", "RoutingEntropyLogger", "Schedule", "ZLossScheduler",
+]

@@ -1,0 +1,248 @@
+"""RoutingEntropyLogger on the tiny model under a real Trainer: scalars, histograms and heatmaps as logged."""
+
+import csv
+import io
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_moe.callbacks.routing_entropy_logger import ROUTING_VALUES, RoutingEntropyLogger, load_heatmap
+from lightning_moe.layers import MoELayer
+from lightning_moe.metrics import load_summary
+from lightning_moe.module import MoELanguageModel
+from lightning_moe.routing import ExpertCapacity, TopKRouter
+
+SEQ_LEN, BATCH, TOP_K, EXPERTS, LAYERS = 16, 4, 2, 4, 2
+TOKENS = SEQ_LEN * BATCH
+
+
+class RandomIds(Dataset):
+    def __init__(self, n: int = 64) -> None:
+        self.ids = torch.randint(0, 256, (n, SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
+
+
+def tiny(capacity: ExpertCapacity | None = None, moe_every: int = 1) -> MoELanguageModel:
+    torch.manual_seed(0)
+    return MoELanguageModel(
+        max_seq_len=SEQ_LEN, d_model=32, n_layers=LAYERS, n_heads=2, d_ff=64, num_experts=EXPERTS, expert_d_ff=32,
+        moe_every=moe_every, router=partial(TopKRouter, top_k=TOP_K), capacity=capacity,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+    )
+
+
+def fit(model: MoELanguageModel, callbacks: list, max_steps: int, logger, ckpt_path: str | None = None,  # noqa: ANN001
+        **trainer_kwargs) -> L.Trainer:  # noqa: ANN003
+    L.seed_everything(0)
+    trainer_kwargs.setdefault("limit_val_batches", 0)
+    trainer = L.Trainer(
+        max_steps=max_steps, limit_train_batches=8, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, accelerator="cpu", devices=1,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, DataLoader(RandomIds(), batch_size=BATCH), DataLoader(RandomIds(8), batch_size=BATCH),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+class LayerHook:
+    """What each MoE layer saw, read by a forward hook: per forward, per layer (stats, aux losses)."""
+
+    def __init__(self, model: MoELanguageModel) -> None:
+        self.forwards: list[list] = []
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(partial(self._record, i))
+
+    def _record(self, i: int, module: MoELayer, args: tuple, output: torch.Tensor) -> None:
+        if i == 0:
+            self.forwards.append([])
+        self.forwards[-1].append((module.stats, {k: float(v.detach()) for k, v in module.aux_losses.items()}))
+
+
+def read_events(log_dir: str) -> EventAccumulator:
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    # Capacity factor 0.5: each expert keeps at most half the balanced share, so assignments drop.
+    model = tiny(ExpertCapacity(capacity_factor=0.5))
+    hook = LayerHook(model)
+    callback = RoutingEntropyLogger(image_every_n_steps=2)
+    logger = TensorBoardLogger(tmp_path_factory.mktemp("tb"), name="run")
+    fit(model, [callback], max_steps=5, logger=logger)
+    return {"events": read_events(logger.log_dir), "forwards": hook.forwards, "callback": callback}
+
+
+def scalar_series(events: EventAccumulator, tag: str) -> list[float]:
+    series = events.Scalars(tag)
+    assert [s.step for s in series] == list(range(len(series))), tag  # Lightning logs train batch k at step k - 1
+    return [s.value for s in series]
+
+
+def test_tensorboard_scalar_histogram_and_image_tags(tensorboard_run: dict) -> None:
+    tags = tensorboard_run["events"].Tags()
+    for name in (*ROUTING_VALUES, "aux_loss", "z_loss"):
+        assert f"routing/{name}" in tags["scalars"]
+        for i in range(LAYERS):
+            assert f"routing/layer{i}/{name}" in tags["scalars"]
+    assert sorted(tags["histograms"]) == [f"routing/layer{i}/expert_load" for i in range(LAYERS)]
+    assert tags["images"] == ["routing/load_heatmap"]
+
+
+def test_logged_scalars_match_what_the_layers_saw(tensorboard_run: dict) -> None:
+    events, forwards = tensorboard_run["events"], tensorboard_run["forwards"]
+    assert len(forwards) == 5  # one training forward per step, no validation
+    per_layer: dict[str, list[list[float]]] = {}
+    for i in range(LAYERS):
+        for name in (*ROUTING_VALUES, "aux_loss", "z_loss"):
+            per_layer.setdefault(name, []).append(scalar_series(events, f"routing/layer{i}/{name}"))
+    for step, layers in enumerate(forwards):
+        for i, (stats, aux) in enumerate(layers):
+            expected = {"token_entropy": float(stats.entropy), "dropped_fraction": float(stats.dropped_fraction),
+                        **{k: float(v) for k, v in load_summary(stats.load_fraction_E).items()}, **aux}
+            for name, value in expected.items():
+                assert per_layer[name][i][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, i, name)
+        dropped = per_layer["dropped_fraction"]
+        assert dropped[0][step] > 0 and dropped[1][step] > 0  # capacity 0.5 drops assignments
+        for i in range(LAYERS):
+            assert 0.0 <= per_layer["load_entropy"][i][step] <= 1.0
+            assert 0.0 <= per_layer["token_entropy"][i][step] <= math.log(EXPERTS) + 1e-6
+    for name in ROUTING_VALUES:
+        overall = scalar_series(events, f"routing/{name}")
+        for step in range(5):
+            values = [per_layer[name][i][step] for i in range(LAYERS)]
+            reduce = max if name == "max_share" else min if name == "min_share" else (lambda v: sum(v) / len(v))
+            assert overall[step] == pytest.approx(reduce(values), rel=1e-5, abs=1e-6), (name, step)
+
+
+def test_histograms_hold_the_tokens_per_expert(tensorboard_run: dict) -> None:
+    events, forwards = tensorboard_run["events"], tensorboard_run["forwards"]
+    for i in range(LAYERS):
+        histograms = events.Histograms(f"routing/layer{i}/expert_load")
+        assert [h.step for h in histograms] == [1, 2, 4]  # the first step, then every 2 (global_step)
+        for h in histograms:
+            stats = forwards[h.step - 1][i][0]
+            value = h.histogram_value
+            assert list(value.bucket_limit) == [e + 0.5 for e in range(EXPERTS)]
+            assert list(value.bucket) == stats.tokens_per_expert_E.tolist()
+            assert value.num == sum(value.bucket)
+            # Kept plus dropped assignments are the router's T x K.
+            assert sum(value.bucket) + int(stats.num_dropped) == TOKENS * TOP_K
+
+
+def test_heatmap_is_a_block_image_per_layer_and_expert(tensorboard_run: dict) -> None:
+    images = tensorboard_run["events"].Images("routing/load_heatmap")
+    assert [im.step for im in images] == [1, 2, 4]
+    cell = 32  # 256 px / max(L, E) = 64, capped at 32 px
+    for im in images:
+        assert (im.height, im.width) == (LAYERS * cell, EXPERTS * cell)
+        pixels = matplotlib.image.imread(io.BytesIO(im.encoded_image_string), format="png")
+        assert pixels.shape[:2] == (LAYERS * cell, EXPERTS * cell)
+        for row in range(LAYERS):
+            for col in range(EXPERTS):
+                block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell, :3]
+                assert np.all(block == block[0, 0]), "each cell is one nearest-upscaled colour block"
+    callback = tensorboard_run["callback"]
+    assert callback.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 3, "last_image_step": 4}
+
+
+def test_load_heatmap_colours() -> None:
+    image = load_heatmap([torch.tensor([0.25, 0.25, 0.25, 0.25]), torch.tensor([0.5, 0.5, 0.0, 0.0]),
+                          torch.tensor([1.0, 0.0])])
+    assert image.dtype == np.uint8 and image.shape == (3 * 32, 4 * 32, 3)
+    cells = image[::32, ::32]
+    assert len({tuple(c) for c in cells[0]}) == 1  # balanced: one neutral colour
+    assert cells[1, 0, 0] > cells[1, 0, 2] and cells[1, 2, 2] > cells[1, 2, 0]  # overloaded red, empty blue
+    assert cells[2, 2].tolist() == [0, 0, 0] and cells[2, 3].tolist() == [0, 0, 0]  # padding is black
+
+
+def test_csv_logger_gets_the_scalars_and_validation(tmp_path: Path) -> None:
+    full = RoutingEntropyLogger(image_every_n_steps=1)
+    brief = RoutingEntropyLogger(prefix="moe", per_layer=False, log_validation=True)
+    trainer = fit(tiny(), [full, brief], max_steps=3, logger=CSVLogger(tmp_path, name="csv"), limit_val_batches=1,
+                  val_check_interval=3, num_sanity_val_steps=0)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    for name in (*ROUTING_VALUES, "aux_loss", "z_loss"):
+        assert f"routing/{name}" in columns and f"routing/layer1/{name}" in columns
+        assert f"moe/{name}" in columns and f"val_moe/{name}" in columns
+    assert not any(c.startswith(("moe/layer", "val_moe/layer", "val_routing")) for c in columns)
+    train_rows = [r for r in rows if r["routing/dropped_fraction"]]
+    assert len(train_rows) == 3
+    assert all(float(r["routing/dropped_fraction"]) == 0.0 for r in train_rows)  # dropless
+    assert all(float(r["moe/load_entropy"]) == float(r["routing/load_entropy"]) for r in train_rows)
+    assert [r for r in rows if r["val_moe/token_entropy"]]
+    assert full.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 0, "last_image_step": None}
+    assert brief.state_dict()["val_batches"] == 1 and brief.state_dict()["train_batches"] == 3
+    assert full.state_key != brief.state_key
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_resume_restores_the_counts_and_the_image_schedule(tmp_path: Path) -> None:
+    # Images every 3 steps: steps 1 and 3 in 5 steps. A fresh callback resumed at step 3 would
+    # log again at step 4 (its first batch); the restored one waits for step 6.
+    first = RoutingEntropyLogger(image_every_n_steps=3)
+    trainer = fit(tiny(), [first], max_steps=3, logger=TensorBoardLogger(tmp_path, name="a"))
+    checkpoint = tmp_path / "step3.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert first.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 2, "last_image_step": 3}
+    resumed = RoutingEntropyLogger(image_every_n_steps=3)
+    trainer = fit(tiny(), [resumed], max_steps=5, logger=TensorBoardLogger(tmp_path, name="b"),
+                  ckpt_path=str(checkpoint))
+    assert resumed.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 2, "last_image_step": 3}
+    assert "routing/load_heatmap" not in read_events(trainer.logger.log_dir).Tags()["images"]
+
+
+def test_state_dict_round_trip() -> None:
+    callback = RoutingEntropyLogger()
+    callback.load_state_dict({"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5})
+    other = RoutingEntropyLogger()
+    other.load_state_dict(callback.state_dict())
+    assert other.state_dict() == {"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5}
+
+
+def test_images_off_and_per_layer_off(tmp_path: Path) -> None:
+    callback = RoutingEntropyLogger(image_every_n_steps=0, per_layer=False)
+    trainer = fit(tiny(), [callback], max_steps=2, logger=TensorBoardLogger(tmp_path, name="off"))
+    tags = read_events(trainer.logger.log_dir).Tags()
+    assert tags["images"] == [] and tags["histograms"] == []
+    assert "routing/token_entropy" in tags["scalars"]
+    assert not any("/layer" in t for t in tags["scalars"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prefix": ""}, "`prefix` must be a non-empty string"),
+    ({"prefix": "routing/"}, "`prefix` must be a non-empty string without leading or trailing '/'"),
+    ({"prefix": 3}, "`prefix` must be a non-empty string"),
+    ({"per_layer": 1}, "`per_layer` must be a bool"),
+    ({"log_validation": "yes"}, "`log_validation` must be a bool"),
+    ({"image_every_n_steps": -1}, "`image_every_n_steps` must be an integer >= 0"),
+    ({"image_every_n_steps": 1.5}, "`image_every_n_steps` must be an integer >= 0"),
+])
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RoutingEntropyLogger(**kwargs)
+
+
+def test_model_without_moe_layers_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="RoutingEntropyLogger found no MoE layer in MoELanguageModel"):
+        fit(tiny(moe_every=0), [RoutingEntropyLogger()], max_steps=1, logger=CSVLogger(tmp_path))
