@@ -13,11 +13,11 @@ router's decisions with forward hooks.
 import sys
 import warnings
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from pydoc_data.topics import topics
 from torch.utils.data import DataLoader, Dataset
 from transformers import MixtralConfig, MixtralForCausalLM
 

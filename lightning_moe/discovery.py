@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,31 @@ class MoELayerView:
         self.name = name
         self.module = module
         self.num_experts = num_experts
+
+    # The layer is held weakly: discovery caches views in a WeakKeyDictionary keyed by the layer,
+    # and a strong reference from the value would keep every model ever searched alive.
+    @property
+    def module(self) -> nn.Module:
+        module = self._module_ref()
+        if module is None:
+            raise ReferenceError(f"The MoE layer {self.name!r} of this view no longer exists.")
+        return module
+
+    @module.setter
+    def module(self, module: nn.Module) -> None:
+        self._module_ref = weakref.ref(module)
+
+    # A view reachable from its model (through a forward hook) is copied with it by deepcopy and
+    # pickle; the copy then refers to the copied layer.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_module_ref"] = self._module_ref()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        module = state.pop("_module_ref")
+        self.__dict__.update(state)
+        self._module_ref = weakref.ref(module) if module is not None else _no_module
 
     @property
     def stats(self) -> RoutingStats | None:  # pragma: no cover - abstract
@@ -75,30 +101,32 @@ class MoELayerView:
 
     @torch.no_grad()
     def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
-               generator: torch.Generator | None = None) -> list[Tensor]:
+               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
         """Re-initialise each ``dead[i]`` expert as a copy of ``sources[i]`` plus noise.
 
         The expert's weights and its router row become the source's, each perturbed by Gaussian
         noise of standard deviation ``noise`` times the source row's standard deviation (so the
         two experts split the source's tokens and then drift apart); the bias offset, where there
         is one, becomes the source's. Noise is drawn on the CPU from ``generator``, so ranks that
-        pass equally seeded generators make identical changes. Returns the tensors changed, so a
-        caller can reset their optimizer state.
+        pass equally seeded generators make identical changes. Returns ``(tensor, rows)`` for every
+        tensor changed (``rows`` the first-dimension indices changed, ``None`` for the whole
+        tensor), so a caller can reset their optimizer state.
         """
         if len(dead) != len(sources):
             raise ValueError(f"`dead` ({len(dead)}) and `sources` ({len(sources)}) must have the same length.")
-        changed = [*self.expert_tensors(), *self.router_rows()]
-        for dst, src in zip(dead, sources):
-            for tensor in changed:
+        tensors = [*self.expert_tensors(), *self.router_rows()]
+        for dst, src in zip(dead, sources, strict=True):
+            for tensor in tensors:
                 row = tensor[src]
                 scale = row.float().std() if row.numel() > 1 else row.float().abs()
                 eps = torch.randn(row.shape, generator=generator, dtype=torch.float32)
                 tensor[dst] = (row.float() + noise * scale * eps.to(row.device)).to(tensor.dtype)
+        changed: list[tuple[Tensor, list[int] | None]] = [(t, list(dead)) for t in tensors]
         bias = self.expert_bias
         if bias is not None:
-            for dst, src in zip(dead, sources):
+            for dst, src in zip(dead, sources, strict=True):
                 bias[dst] = bias[src]
-            changed.append(bias)
+            changed.append((bias, list(dead)))
         return changed
 
     def __repr__(self) -> str:
@@ -171,6 +199,10 @@ def _view_of(name: str, module: nn.Module) -> MoELayerView | None:
         if view is not None:
             _VIEWS[module] = view
             return view
+    return None
+
+
+def _no_module() -> None:
     return None
 
 

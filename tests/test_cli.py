@@ -71,7 +71,7 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
     if "balancers" in fragment:
         names = [b["class_path"].rsplit(".", 1)[1] for b in fragment["balancers"]]
         assert [type(b).__name__ for b in model.model.moe_layers()[0].balancers] == names
-        for spec, balancer in zip(fragment["balancers"], model.model.moe_layers()[0].balancers):
+        for spec, balancer in zip(fragment["balancers"], model.model.moe_layers()[0].balancers, strict=True):
             for key, value in spec.get("init_args", {}).items():
                 assert getattr(balancer, key) == value, key
     if "capacity" in fragment:
@@ -106,7 +106,8 @@ def test_every_callback_config_trains_through_the_cli(monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     assert {p.stem for p in CALLBACKS} == {"bias_offset_updater", "dead_expert_detector", "routing_entropy_logger",
                                           "zloss_scheduler"}
-    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"),
+                   "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
                    *[f"--trainer.callbacks+={p}" for p in CALLBACKS],
                    "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
                    "--trainer.enable_progress_bar", "false",
@@ -125,7 +126,8 @@ def test_every_callback_config_trains_through_the_cli(monkeypatch: pytest.Monkey
 
 def test_scheduled_bias_rate_from_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"),
+                   "--config", str(CONFIGS / "routers/sigmoid_bias.yaml"),
                    "--trainer.callbacks+=lightning_moe.callbacks.BiasOffsetUpdater",
                    "--trainer.callbacks.rate=lightning_moe.callbacks.Schedule",
                    "--trainer.callbacks.rate.kind=cosine", "--trainer.callbacks.rate.total_steps=10",

@@ -98,7 +98,7 @@ class BiasOffsetUpdater(Callback):
         self._pending = None
         rate = self.rate(trainer.global_step)
         with torch.no_grad():
-            for view, load_E in zip(self._views, loads_LE):
+            for view, load_E in zip(self._views, loads_LE, strict=True):
                 bias = view.expert_bias
                 bias.copy_(bias_update(bias, load_E, rate))
         mean_L = loads_LE.mean(dim=1).clamp_min(1e-12)

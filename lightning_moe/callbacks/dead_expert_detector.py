@@ -109,7 +109,7 @@ class DeadExpertDetector(Callback):
         self.batches_in_window = 0
         report: dict[str, list[int]] = {}
         per_layer = []
-        for view, counts_E in zip(self._views, counts_LE):
+        for view, counts_E in zip(self._views, counts_LE, strict=True):
             counts_E = counts_E[: view.num_experts]
             total = counts_E.sum()
             if total <= 0:  # the layer did not run in this window
@@ -139,7 +139,7 @@ class DeadExpertDetector(Callback):
 
     def _revive(self, trainer: L.Trainer, counts_LE: Tensor, report: dict[str, list[int]]) -> None:
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
-        for view, counts_E in zip(self._views, counts_LE):
+        for view, counts_E in zip(self._views, counts_LE, strict=True):
             dead = report.get(view.name)
             if not dead:
                 continue
@@ -148,8 +148,7 @@ class DeadExpertDetector(Callback):
             if not live:
                 continue
             sources = [live[i % len(live)] for i in range(len(dead))]
-            changed = view.revive(dead, sources, self.noise, generator)
-            _reset_optimizer_rows(trainer, changed, dead)
+            _reset_optimizer_rows(trainer, view.revive(dead, sources, self.noise, generator))
             self.revived += len(dead)
 
     def state_dict(self) -> dict[str, Any]:
@@ -179,13 +178,18 @@ def _pad_stack(rows: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def _reset_optimizer_rows(trainer: L.Trainer, changed: list[Tensor], rows: list[int]) -> None:
-    """Zero the optimizer state (same-shaped tensors such as Adam's moments) of the revived rows."""
-    targets = {id(t) for t in changed}
+def _reset_optimizer_rows(trainer: L.Trainer, changed: list[tuple[Tensor, list[int] | None]]) -> None:
+    """Zero the optimizer state (same-shaped tensors such as Adam's moments) of what was revived:
+    the given rows of each tensor, or all of it where ``rows`` is ``None``."""
+    rows_of = {id(t): rows for t, rows in changed}
     for optimizer in trainer.optimizers:
         for param, state in optimizer.state.items():
-            if id(param) not in targets:
+            if id(param) not in rows_of:
                 continue
+            rows = rows_of[id(param)]
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    value[rows] = 0
+                    if rows is None:
+                        value.zero_()
+                    else:
+                        value[rows] = 0

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_int_range, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
-from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.moe_layer import MoELayer
+from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import TopKRouter
 

@@ -8,8 +8,8 @@ Parameter-free routers: :class:`HashRouter`, :class:`RandomRouter`.
 Capacity limits with token dropping: :class:`ExpertCapacity` (``MoELayer(capacity=...)``).
 """
 
-from lightning_moe.routing.capacity import ExpertCapacity, drop_over_capacity, expert_capacity
 from lightning_moe.routing.balanced import BalancedRouter, greedy_balanced_assignment, sinkhorn_log
+from lightning_moe.routing.capacity import ExpertCapacity, drop_over_capacity, expert_capacity
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
 from lightning_moe.routing.hashing import HashRouter, RandomRouter
 from lightning_moe.routing.routing import Router, Routing

@@ -166,7 +166,7 @@ def test_bias_updater_resumes_exactly(tmp_path: Path) -> None:
     updater2 = BiasOffsetUpdater(rate=0.05)
     fit(resumed, [updater2], max_steps=6, ckpt_path=str(tmp_path / "step=3.ckpt"), accumulate_grad_batches=2)
     assert updater2.num_updates == updater.num_updates == 6
-    for a, b in zip(full.model.moe_layers(), resumed.model.moe_layers()):
+    for a, b in zip(full.model.moe_layers(), resumed.model.moe_layers(), strict=True):
         torch.testing.assert_close(a.router.expert_bias_E, b.router.expert_bias_E)
 
 

@@ -32,7 +32,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.mark.distributed
 def test_biases_are_identical_on_both_ranks_and_follow_the_summed_loads(ranks: list[dict]) -> None:
     r0, r1 = ranks
-    assert not all(torch.equal(a, b) for a, b in zip(r0["loads"], r1["loads"])), "ranks should see different data"
+    same = all(torch.equal(a, b) for a, b in zip(r0["loads"], r1["loads"], strict=True))
+    assert not same, "the ranks should see different data"
     for layer in range(2):
         assert torch.equal(r0["biases"][layer], r1["biases"][layer])
         expected = torch.zeros(4)

@@ -57,13 +57,14 @@ def test_score_policy_keeps_the_highest_gates() -> None:
 def test_kept_assignments_match_a_plain_reference(policy: str, t: int, e: int, k: int, capacity: int) -> None:
     r = random_routing(t, e, k, seed=t + e + k)
     out = drop_over_capacity(r, capacity, policy)
-    got = {(int(a), int(b)) for a, b in zip(out.token_A, out.expert_A)}
+    got = {(int(a), int(b)) for a, b in zip(out.token_A, out.expert_A, strict=True)}
     assert got == reference_keep(r, capacity, policy)
     assert out.tokens_per_expert().max() <= capacity
     assert int(out.num_dropped) == t * k - len(got)
     # Kept gate weights are the original ones, not renormalised.
-    original = {(int(a), int(b)): float(w) for a, b, w in zip(r.token_A, r.expert_A, r.weight_A)}
-    assert all(original[(int(a), int(b))] == float(w) for a, b, w in zip(out.token_A, out.expert_A, out.weight_A))
+    original = {(int(a), int(b)): float(w) for a, b, w in zip(r.token_A, r.expert_A, r.weight_A, strict=True)}
+    kept = zip(out.token_A, out.expert_A, out.weight_A, strict=True)
+    assert all(original[(int(a), int(b))] == float(w) for a, b, w in kept)
 
 
 def test_train_and_eval_factors_and_dropless_eval() -> None:
