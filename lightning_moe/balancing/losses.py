@@ -110,15 +110,25 @@ class SequenceAuxLoss(Balancer):
         return self.coeff * num_experts * (f_NE * p_NE).sum(dim=1).mean()
 
 
-def _check_devices(num_devices: int, num_experts: int) -> None:
-    if num_experts % num_devices:
-        raise ValueError(
-            f"`num_devices` ({num_devices}) must divide `num_experts` ({num_experts}) into equal groups; "
-            f"valid values: {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}."
-        )
+class _DeviceGroupLoss(Balancer):
+    """A balancer over ``num_devices`` equal groups of consecutive experts (one group per device)."""
+
+    def __init__(self, num_devices: int, coeff: float) -> None:
+        super().__init__(coeff)
+        self.num_devices = check_positive_int("num_devices", num_devices)
+
+    def check(self, num_experts: int) -> None:
+        if num_experts % self.num_devices:
+            raise ValueError(
+                f"`num_devices` ({self.num_devices}) must divide `num_experts` ({num_experts}) into equal groups; "
+                f"valid values: {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
 
 
-class DeviceAuxLoss(Balancer):
+class DeviceAuxLoss(_DeviceGroupLoss):
     """Device-level balance loss (DeepSeek-V2): balance the load of expert *groups*, not experts.
 
     The E experts form ``num_devices`` groups of ``E/G`` consecutive experts (the experts each
@@ -141,11 +151,7 @@ class DeviceAuxLoss(Balancer):
     name = "device_aux_loss"
 
     def __init__(self, num_devices: int, coeff: float = 0.05) -> None:
-        super().__init__(coeff)
-        self.num_devices = check_positive_int("num_devices", num_devices)
-
-    def check(self, num_experts: int) -> None:
-        _check_devices(self.num_devices, num_experts)
+        super().__init__(num_devices, coeff)
 
     def loss(self, routing: Routing) -> Tensor:
         num_experts = routing.num_experts
@@ -156,11 +162,8 @@ class DeviceAuxLoss(Balancer):
         p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
         return self.coeff * torch.dot(f_G, p_G)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
 
-
-class CommBalanceLoss(Balancer):
+class CommBalanceLoss(_DeviceGroupLoss):
     """Communication balance loss (DeepSeek-V2): balance the tokens each device *receives*.
 
     A token is sent to device ``i`` once if any of its kept assignments lands in group ``i``,
@@ -183,11 +186,7 @@ class CommBalanceLoss(Balancer):
     name = "comm_balance_loss"
 
     def __init__(self, num_devices: int, coeff: float = 0.02) -> None:
-        super().__init__(coeff)
-        self.num_devices = check_positive_int("num_devices", num_devices)
-
-    def check(self, num_experts: int) -> None:
-        _check_devices(self.num_devices, num_experts)
+        super().__init__(num_devices, coeff)
 
     def loss(self, routing: Routing) -> Tensor:
         num_tokens, num_experts = routing.scores_TE.shape
@@ -199,9 +198,6 @@ class CommBalanceLoss(Balancer):
         f_G = self.num_devices * hits_G / hits_G.sum().clamp_min(1.0)
         p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
         return self.coeff * torch.dot(f_G, p_G)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
 
 
 class ZLoss(Balancer):
