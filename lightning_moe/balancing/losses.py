@@ -124,6 +124,16 @@ class _DeviceGroupLoss(Balancer):
                 f"valid values: {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}."
             )
 
+    def group_load(self, routing: Routing) -> Tensor:  # pragma: no cover - abstract
+        """``(G,)`` load per group, 1 for each group when balanced."""
+        raise NotImplementedError
+
+    def loss(self, routing: Routing) -> Tensor:
+        """``coeff * sum_i load_i * P_i``, ``P_i`` the summed mean score of group ``i``'s experts."""
+        self.check(routing.num_experts)
+        p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
+        return self.coeff * torch.dot(self.group_load(routing), p_G)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_devices={self.num_devices}, coeff={self.coeff})"
 
@@ -153,14 +163,10 @@ class DeviceAuxLoss(_DeviceGroupLoss):
     def __init__(self, num_devices: int, coeff: float = 0.05) -> None:
         super().__init__(num_devices, coeff)
 
-    def loss(self, routing: Routing) -> Tensor:
-        num_experts = routing.num_experts
-        self.check(num_experts)
+    def group_load(self, routing: Routing) -> Tensor:
         dtype = routing.scores_TE.dtype
-        f_E = num_experts * routing.tokens_per_expert().to(dtype) / max(routing.expert_A.numel(), 1)
-        f_G = f_E.view(self.num_devices, -1).mean(dim=1)
-        p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
-        return self.coeff * torch.dot(f_G, p_G)
+        f_E = routing.num_experts * routing.tokens_per_expert().to(dtype) / max(routing.expert_A.numel(), 1)
+        return f_E.view(self.num_devices, -1).mean(dim=1)
 
 
 class CommBalanceLoss(_DeviceGroupLoss):
@@ -188,16 +194,13 @@ class CommBalanceLoss(_DeviceGroupLoss):
     def __init__(self, num_devices: int, coeff: float = 0.02) -> None:
         super().__init__(num_devices, coeff)
 
-    def loss(self, routing: Routing) -> Tensor:
+    def group_load(self, routing: Routing) -> Tensor:
         num_tokens, num_experts = routing.scores_TE.shape
-        self.check(num_experts)
         device_A = torch.div(routing.expert_A, num_experts // self.num_devices, rounding_mode="floor")
         sent_TG = torch.zeros(num_tokens, self.num_devices, dtype=torch.bool, device=device_A.device)
         sent_TG[routing.token_A, device_A] = True
         hits_G = sent_TG.sum(dim=0).to(routing.scores_TE.dtype)
-        f_G = self.num_devices * hits_G / hits_G.sum().clamp_min(1.0)
-        p_G = routing.scores_TE.mean(dim=0).view(self.num_devices, -1).sum(dim=1)
-        return self.coeff * torch.dot(f_G, p_G)
+        return self.num_devices * hits_G / hits_G.sum().clamp_min(1.0)
 
 
 class ZLoss(Balancer):
