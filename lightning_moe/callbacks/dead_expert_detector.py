@@ -85,15 +85,17 @@ class DeadExpertDetector(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # Counts stay on the strategy's device until the window ends: no host sync per batch.
+        device = trainer.strategy.root_device
         counts = []
         for view in self._views:
             stats = view.stats
             if stats is None:
-                counts.append(torch.zeros(view.num_experts, dtype=torch.float64))
+                counts.append(torch.zeros(view.num_experts, dtype=torch.float64, device=device))
             else:
-                counts.append(stats.tokens_per_expert_E.detach().to(device="cpu", dtype=torch.float64))
+                counts.append(stats.tokens_per_expert_E.detach().to(device=device, dtype=torch.float64))
         counts_LE = _pad_stack(counts)
-        self._counts = counts_LE if self._counts is None else self._counts + counts_LE
+        self._counts = counts_LE if self._counts is None else self._counts.to(device) + counts_LE
         self.batches_in_window += 1
         if self.batches_in_window >= self.window:
             self._end_window(trainer, pl_module)
@@ -104,7 +106,7 @@ class DeadExpertDetector(Callback):
 
     def _end_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self._counts is not None
-        counts_LE = reduce_sum(trainer, self._counts.to(trainer.strategy.root_device)).cpu()
+        counts_LE = reduce_sum(trainer, self._counts).cpu()
         self._counts = None
         self.batches_in_window = 0
         report: dict[str, list[int]] = {}
@@ -153,7 +155,7 @@ class DeadExpertDetector(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "counts": self._counts,
+            "counts": None if self._counts is None else self._counts.cpu(),
             "batches_in_window": self.batches_in_window,
             "dead_experts": self.dead_experts,
             "dead_per_layer": self.dead_per_layer,
@@ -171,7 +173,7 @@ class DeadExpertDetector(Callback):
 def _pad_stack(rows: list[Tensor]) -> Tensor:
     """Stack per-layer ``(E_l,)`` vectors into ``(L, max E)``, zero-padded."""
     width = max(r.numel() for r in rows)
-    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    out = torch.zeros(len(rows), width, dtype=torch.float64, device=rows[0].device)
     for i, r in enumerate(rows):
         out[i, : r.numel()] = r
     return out
