@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lightning_moe.dispatch.fused import triton_dispatch
+from lightning_moe.dispatch.grouped import grouped_dispatch
 from lightning_moe.routing.routing import Routing
 
 
@@ -40,21 +42,7 @@ def loop_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
     return y_TD
 
 
-def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """Sort assignments by expert, one gather, per-expert matmuls on contiguous slices, one scatter-add.
-
-    The one host sync is reading the per-expert counts, which the slices need.
-    """
-    order_A = torch.argsort(routing.expert_A, stable=True)
-    token_A = routing.token_A[order_A]
-    counts = routing.tokens_per_expert().tolist()
-    x_AD = x_TD.index_select(0, token_A)  # (A, D), tokens in expert order
-    out_AD = experts.grouped_forward(x_AD, counts)
-    weighted_AD = out_AD * routing.weight_A[order_A].unsqueeze(-1).to(out_AD.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_A, weighted_AD.to(x_TD.dtype))
-
-
-DISPATCHERS: dict[str, Dispatcher] = {"loop": loop_dispatch, "grouped": grouped_dispatch}
+DISPATCHERS: dict[str, Dispatcher] = {"loop": loop_dispatch, "grouped": grouped_dispatch, "triton": triton_dispatch}
 
 
 def get_dispatcher(name: str) -> Dispatcher:

@@ -89,8 +89,9 @@ def test_combine_is_the_gated_sum() -> None:
 
 
 def test_unknown_dispatcher() -> None:
-    with pytest.raises(ValueError, match=r"Unknown `dispatcher` 'triton'; valid names are \['grouped', 'loop'\]"):
-        get_dispatcher("triton")
+    valid = r"\['grouped', 'loop', 'triton'\]"
+    with pytest.raises(ValueError, match=r"Unknown `dispatcher` 'cuda'; valid names are " + valid):
+        get_dispatcher("cuda")
     with pytest.raises(ValueError, match="Unknown `dispatcher`"):
         MoELayer(8, 8, 2, dispatcher="fast")
-    assert set(DISPATCHERS) == {"loop", "grouped"}
+    assert set(DISPATCHERS) == {"loop", "grouped", "triton"}
