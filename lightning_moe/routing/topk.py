@@ -53,6 +53,11 @@ class TopKRouter(Router):
         scaling_factor: multiplies every gate, > 0.
         jitter: multiplicative input noise amplitude in training, in [0, 1).
         expert_bias: own an ``expert_bias_E`` buffer (zeros) that steers selection only.
+        gating_kernel: ``auto`` computes scores, bias, top-k and gates in one Triton kernel
+            (:func:`~lightning_moe.kernels.gating.fused_topk_gating`) when the logits are on CUDA
+            and Triton is installed, in torch otherwise; ``triton`` always uses the kernel (an
+            error where it cannot run); ``torch`` never does. Both compute the same function.
+            Subclasses that restrict the selection (group-limited top-k) always use torch.
     """
 
     def __init__(
@@ -66,10 +71,14 @@ class TopKRouter(Router):
         scaling_factor: float = 1.0,
         jitter: float = 0.0,
         expert_bias: bool = False,
+        gating_kernel: Literal["auto", "triton", "torch"] = "auto",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"`score_func` must be 'softmax' or 'sigmoid', got {score_func!r}.")
+        if gating_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"`gating_kernel` must be 'auto', 'triton' or 'torch', got {gating_kernel!r}.")
+        self.gating_kernel = gating_kernel
         self.score_func = score_func
         self.renormalize = renormalize
         self.scaling_factor = check_positive_float("scaling_factor", scaling_factor)
@@ -88,11 +97,14 @@ class TopKRouter(Router):
         else:
             self.expert_bias_E = None
 
-    def _affinity(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits_TE, affinity_TE, scores_TE)``: raw logits, gate-source scores, normalised scores."""
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        """``(T, E)`` raw logits, with the training-time input jitter."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits_TE = self.scorer(x_TD)
+        return self.scorer(x_TD)
+
+    def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits_TE, affinity_TE, scores_TE)``: raw logits, gate-source scores, normalised scores."""
         if self.score_func == "softmax":
             affinity_TE = logits_TE.softmax(dim=-1)
             return logits_TE, affinity_TE, affinity_TE
@@ -103,8 +115,25 @@ class TopKRouter(Router):
         """``(T, K)`` expert indices chosen from the (biased) scores; subclasses restrict it."""
         return choice_TE.topk(self.top_k, dim=-1).indices
 
+    def _use_kernel(self, logits_TE: Tensor) -> bool:
+        if self.gating_kernel == "torch" or type(self).select is not TopKRouter.select:
+            return False
+        if self.gating_kernel == "triton":
+            return True  # fused_topk_gating raises, naming the reason, where it cannot run
+        from lightning_moe.kernels._triton import unavailable_reason
+
+        fits = logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16) and self.num_experts <= 4096
+        return logits_TE.is_cuda and fits and unavailable_reason(logits_TE) is None
+
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE, affinity_TE, scores_TE = self._affinity(x_TD)
+        logits_TE = self._logits(x_TD)
+        if self._use_kernel(logits_TE):
+            from lightning_moe.kernels.gating import fused_topk_gating
+
+            scores_TE, gates_TK, experts_TK = fused_topk_gating(
+                logits_TE, self.top_k, self.score_func, self.expert_bias_E, self.renormalize, self.scaling_factor)
+            return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+        logits_TE, affinity_TE, scores_TE = self._scores(logits_TE)
         choice_TE = affinity_TE.detach()
         if self.expert_bias_E is not None:
             choice_TE = choice_TE + self.expert_bias_E.to(choice_TE.dtype)
@@ -120,7 +149,7 @@ class TopKRouter(Router):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"renormalize={self.renormalize}, score_func={self.score_func!r}, "
                 f"scaling_factor={self.scaling_factor}, jitter={self.jitter}, "
-                f"expert_bias={self.expert_bias_E is not None}")
+                f"expert_bias={self.expert_bias_E is not None}, gating_kernel={self.gating_kernel!r}")
 
 
 class GroupLimitedTopKRouter(TopKRouter):

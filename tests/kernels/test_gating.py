@@ -7,6 +7,7 @@ each of the K top-k rounds costs a few milliseconds.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import os
@@ -28,7 +29,7 @@ SHAPES = [(T, E, K) for T in (1, 7, 33) for E in (3, 8, 60) for K in sorted({1, 
 
 def _inputs(T, E, with_bias, seed=0, scale=2.0):
     """``(logits_TE, bias_E or None)``; the bias is large enough to change some choices."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
     logits_TE = torch.randn(T, E, generator=gen) * scale
     return logits_TE, (torch.randn(E, generator=gen) * 0.1 if with_bias else None)
 
@@ -78,7 +79,7 @@ def _grads(gating_fn, logits_TE, args, grad_scores_TE, grad_gates_TK):
 def test_gradients_match_reference(score_func, renormalize, used):
     for T, E, K in ((7, 8, 2), (5, 3, 3), (9, 60, 1), (4, 20, 5)):
         logits_TE, bias_E = _inputs(T, E, with_bias=True, seed=E + K)
-        gen = torch.Generator().manual_seed(K)
+        gen = torch.Generator(torch.get_default_device()).manual_seed(K)
         grad_scores_TE = torch.randn(T, E, generator=gen) if used != "gates" else None
         grad_gates_TK = torch.randn(T, K, generator=gen) if used != "scores" else None
         args = (K, score_func, bias_E, renormalize, 2.5)
@@ -263,3 +264,35 @@ def test_cuda_realistic_shapes_match_reference(T, E, K, score_func, with_bias):
     grads = [_grads(fn, logits_TE, args, grad_scores_TE, grad_gates_TK)
              for fn in (fused_topk_gating, topk_gating_reference)]
     torch.testing.assert_close(grads[0][same_T], grads[1][same_T], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_topk_router_uses_the_kernel_and_agrees_with_torch(score_func):
+    # gating_kernel="triton" runs the fused kernel (the interpreter here, CUDA on a GPU); "torch" never does.
+    torch.manual_seed(3)
+    fused = TopKRouter(24, 10, top_k=3, score_func=score_func, expert_bias=True, scaling_factor=2.0,
+                       gating_kernel="triton")
+    fused.expert_bias_E.normal_(0, 0.1)
+    plain = copy.deepcopy(fused)
+    plain.gating_kernel = "torch"
+    x = torch.randn(13, 24)
+    ours, ref = fused(x), plain(x)
+    assert torch.equal(ours.expert_A, ref.expert_A) and torch.equal(ours.token_A, ref.token_A)
+    torch.testing.assert_close(ours.weight_A, ref.weight_A, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.scores_TE, ref.scores_TE, atol=1e-6, rtol=1e-5)
+    (ours.weight_A.sum() + ours.scores_TE.pow(2).sum()).backward()
+    (ref.weight_A.sum() + ref.scores_TE.pow(2).sum()).backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_topk_router_gating_kernel_choice():
+    from lightning_moe.routing import GroupLimitedTopKRouter
+
+    with pytest.raises(ValueError, match="gating_kernel"):
+        TopKRouter(8, 4, gating_kernel="cuda")
+    logits = torch.randn(3, 8, device="cpu")
+    assert not TopKRouter(8, 8, gating_kernel="auto")._use_kernel(logits)  # CPU tensors: torch in "auto"
+    grouped = GroupLimitedTopKRouter(8, 8, num_groups=2, topk_groups=1)
+    grouped.gating_kernel = "triton"
+    assert not grouped._use_kernel(logits)  # a restricted selection stays in torch

@@ -19,11 +19,11 @@ from lightning_moe.kernels.grouped_gemm import (
 K, N = 20, 33  # not multiples of any block size
 
 
-def _offsets(counts: list[int], device: str = "cpu") -> torch.Tensor:
+def _offsets(counts: list[int], device: str | None = None) -> torch.Tensor:
     return torch.tensor([0, *counts], dtype=torch.int64, device=device).cumsum(0)
 
 
-def _inputs(counts: list[int], k: int = K, n: int = N, dtype=torch.float32, device: str = "cpu"):
+def _inputs(counts: list[int], k: int = K, n: int = N, dtype=torch.float32, device: str | None = None):
     x_AK = torch.randn(sum(counts), k, dtype=dtype, device=device, requires_grad=True)
     w_EKN = (torch.randn(len(counts), k, n, device=device) / k**0.5).to(dtype).requires_grad_()
     return x_AK, w_EKN, _offsets(counts, device)

@@ -36,7 +36,7 @@ KINDS = ["token_major", "shuffled", "empty_experts", "dropped", "expert_choice",
 
 def _assignments(kind: str, num_tokens: int = T, num_experts: int = E, top_k: int = K, seed: int = 0):
     """``(token_A, expert_A)`` of one routing pattern."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
     if kind == "expert_choice":  # each expert picks 4 tokens: a token gets 0..E assignments
         token_A = torch.cat([torch.randperm(num_tokens, generator=gen)[:4] for _ in range(num_experts)])
         return token_A, torch.arange(num_experts).repeat_interleave(4)
@@ -92,7 +92,7 @@ def _assert_close(actual, expected, dtype):
 def test_forward_matches_reference_and_grouped_dispatch(D, dtype):
     token_A, expert_A = _assignments("dropped", seed=D)
     plan = make_plan(token_A, expert_A, T, E)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
     x_TD = torch.randn(T, D, generator=gen).to(dtype)
     out_AD = torch.randn(token_A.shape[0], D, generator=gen).to(dtype)
     weight_A = torch.rand(token_A.shape[0], generator=gen)
@@ -115,7 +115,7 @@ def test_forward_matches_reference_and_grouped_dispatch(D, dtype):
 def test_gradients_match_reference(D, dtype):
     token_A, expert_A = _assignments("expert_choice" if D % 2 else "shuffled", seed=D)
     plan = make_plan(token_A, expert_A, T, E)
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(2)
     x_TD = torch.randn(T, D, generator=gen).to(dtype).requires_grad_()
     out_AD = torch.randn(token_A.shape[0], D, generator=gen).to(dtype).requires_grad_()
     weight_A = torch.rand(token_A.shape[0], generator=gen).requires_grad_()
@@ -157,7 +157,7 @@ def test_int32_plan_indices_give_the_same_result():
 def test_end_to_end_matches_loop_dispatch():
     D, F = 6, 10
     token_A, expert_A = _assignments("dropped", num_experts=4, seed=3)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
     torch.manual_seed(3)
     experts = SwiGLUExperts(D, F, 4)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
@@ -180,7 +180,7 @@ def test_end_to_end_matches_loop_dispatch():
 def test_torch_compile_fullgraph_and_opcheck():
     D = 9
     token_A, expert_A = _assignments("shuffled", seed=4)
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(4)
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
     weight_A = torch.rand(token_A.shape[0], generator=gen, requires_grad=True)
 
@@ -278,7 +278,9 @@ def test_cuda_large_matches_reference(dtype):
     actual, expected = run(permute, unpermute), run(permute_reference, unpermute_reference)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a.float(), e.float(), atol=tol, rtol=tol)
+        # bfloat16 sums of 8 terms of size ~10 differ by an ulp (0.0625) with the summation order.
+        scale = max(1.0, e.float().abs().max().item()) if dtype == torch.bfloat16 else 1.0
+        torch.testing.assert_close(a.float(), e.float(), atol=tol * scale, rtol=tol)
     assert torch.equal(run(permute, unpermute)[1], actual[1])  # gather-reduce: bitwise deterministic
 
 
