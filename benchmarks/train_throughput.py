@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,9 @@ from lightning_moe.balancing import SwitchAuxLoss, ZLoss
 from lightning_moe.dispatch import DISPATCHERS
 from lightning_moe.models import MoETransformer
 from lightning_moe.routing import TopKRouter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_layer import device_name  # noqa: E402  (a sibling script: one way to name the hardware)
 
 TARGET = 0.8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -75,16 +77,6 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, ids_BS1:
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def cpu_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(time.perf_counter() - start)
 
     counts = {name: model.parameter_counts() for name, model in models.items()}
-    hardware = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu ({cpu_name()})"
+    hardware = device_name(device)
     print(f"### {datetime.date.today().isoformat()}, {hardware}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.dtype}\n")
     print(f"`python benchmarks/train_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}`: vocabulary "

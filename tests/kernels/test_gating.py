@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import importlib
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -220,21 +217,6 @@ def test_kernel_only_limits_raise_value_error():
         gating._topk_gating_bwd(None, torch.randn(3, 3), logits_TE, experts_TK, "softmax", True, 1.0)
     with pytest.raises(ValueError, match="`experts_TK`"):
         gating._topk_gating_bwd(None, torch.randn(3, 2), logits_TE, experts_TK.int(), "softmax", True, 1.0)
-
-
-def test_import_without_triton_then_fused_raises():
-    # A fresh interpreter where `import triton` fails: the module imports, the reference runs, the kernel says why not.
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch\n"
-        "from lightning_moe.kernels.gating import fused_topk_gating, topk_gating_reference\n"
-        "x = torch.randn(3, 4)\n"
-        "assert topk_gating_reference(x, 2)[2].shape == (3, 2)\n"
-        "try:\n    fused_topk_gating(x, 2)\nexcept RuntimeError as e:\n    assert 'Triton' in str(e), e\n"
-        "else:\n    raise AssertionError('no RuntimeError')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
-    assert result.returncode == 0, result.stderr
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
