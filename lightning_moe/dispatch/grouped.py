@@ -11,8 +11,9 @@ written out once: each expert's matmuls write straight into slices of preallocat
 No ``(A, D)`` tensor is ever made (with K experts per token that is K times the input): each
 expert gathers its rows into one small reused buffer, which stays in cache, and adds its output
 straight into ``y_TD``. Fresh large CPU tensors cost page faults on first touch, which made those
-``(A, D)`` passes dearer than the matmuls at fine granularity. Saved for backward: the two
-``(A, F)`` pre-activations, as a dense SwiGLU of width K*F saves.
+``(A, D)`` passes dearer than the matmuls at fine granularity. Saved for backward: four
+``(A, F)`` activations (gate and up pre-activations, ``silu(gate)``, gated ``h``), as a dense
+SwiGLU of width K*F saves.
 """
 
 from __future__ import annotations

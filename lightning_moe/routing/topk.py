@@ -103,13 +103,13 @@ class TopKRouter(Router):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return self.scorer(x_TD)
 
-    def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits_TE, affinity_TE, scores_TE)``: raw logits, gate-source scores, normalised scores."""
+    def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """``(affinity_TE, scores_TE)``: gate-source scores and normalised scores from the logits."""
         if self.score_func == "softmax":
             affinity_TE = logits_TE.softmax(dim=-1)
-            return logits_TE, affinity_TE, affinity_TE
+            return affinity_TE, affinity_TE
         affinity_TE = logits_TE.sigmoid()
-        return logits_TE, affinity_TE, affinity_TE / affinity_TE.sum(dim=-1, keepdim=True)
+        return affinity_TE, affinity_TE / affinity_TE.sum(dim=-1, keepdim=True)
 
     def select(self, choice_TE: Tensor) -> Tensor:
         """``(T, K)`` expert indices chosen from the (biased) scores; subclasses restrict it."""
@@ -133,7 +133,7 @@ class TopKRouter(Router):
             scores_TE, gates_TK, experts_TK = fused_topk_gating(
                 logits_TE, self.top_k, self.score_func, self.expert_bias_E, self.renormalize, self.scaling_factor)
             return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
-        logits_TE, affinity_TE, scores_TE = self._scores(logits_TE)
+        affinity_TE, scores_TE = self._scores(logits_TE)
         choice_TE = affinity_TE.detach()
         if self.expert_bias_E is not None:
             choice_TE = choice_TE + self.expert_bias_E.to(choice_TE.dtype)
