@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_positive_int
+from lightning_moe._validate import check_non_negative_int, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
-from lightning_moe.experts.swiglu import SwiGLUExperts
+from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router
@@ -21,7 +22,13 @@ from lightning_moe.routing.topk import TopKRouter
 
 
 class MoELayer(nn.Module):
-    """Router -> dispatch -> experts -> gated combine.
+    """Router -> dispatch -> experts -> gated combine, plus optional shared experts.
+
+    With ``shared_d_ff > 0`` every token also passes through a dense SwiGLU of that width (the
+    shared experts, merged into one MLP as DeepSeek-V3 and Qwen2-MoE do: ``n`` shared experts of
+    width F are one SwiGLU of width ``n * F``), added to the routed output. With
+    ``shared_gate=True`` its output is scaled per token by ``sigmoid(x w_g)`` (Qwen2-MoE's
+    ``shared_expert_gate``, one ``(1, D)`` weight); without it (DeepSeek) it is added as is.
 
     After each forward the layer holds ``aux_losses`` (``{balancer.name: loss}``, tensors with
     grad, to be added to the training loss) and ``stats`` (a detached :class:`RoutingStats`).
@@ -38,6 +45,9 @@ class MoELayer(nn.Module):
         capacity: expert capacity limits (:class:`~lightning_moe.routing.ExpertCapacity`);
             ``None`` (the default) is dropless. Tokens whose every assignment is dropped come out
             as zeros, i.e. unchanged through the block's residual connection.
+        shared_d_ff: hidden width of the shared experts (all of them together), >= 0; 0 = none.
+        shared_gate: scale the shared experts' output by a learned sigmoid gate per token
+            (needs ``shared_d_ff > 0``).
     """
 
     def __init__(
@@ -49,6 +59,8 @@ class MoELayer(nn.Module):
         balancers: Sequence[Balancer] = (),
         dispatcher: str = "grouped",
         capacity: ExpertCapacity | None = None,
+        shared_d_ff: int = 0,
+        shared_gate: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -60,6 +72,11 @@ class MoELayer(nn.Module):
                 f"this layer has d_model={d_model}, num_experts={num_experts}."
             )
         self.experts = SwiGLUExperts(d_model, d_ff, num_experts)
+        self.shared_d_ff = check_non_negative_int("shared_d_ff", shared_d_ff)
+        if shared_gate and not shared_d_ff:
+            raise ValueError("`shared_gate=True` needs shared experts: set `shared_d_ff` > 0.")
+        self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         names = [b.name for b in balancers]
         if len(set(names)) != len(names):
             raise ValueError(f"`balancers` must have distinct names, got {names}.")
@@ -86,9 +103,15 @@ class MoELayer(nn.Module):
         if self.capacity is not None:
             routing = self.capacity(routing, self.training)
         y_TD = self._dispatch(x_TD, routing, self.experts)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
         self.stats = RoutingStats.from_routing(routing)
         return y_TD.view(x.shape)
 
     def extra_repr(self) -> str:
-        return f"dispatcher={self.dispatcher!r}, balancers={self.balancers}, capacity={self.capacity}"
+        return (f"dispatcher={self.dispatcher!r}, balancers={self.balancers}, capacity={self.capacity}, "
+                f"shared_d_ff={self.shared_d_ff}, shared_gate={self.shared_expert_gate is not None}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU
@@ -88,9 +88,19 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Pre-norm decoder-only transformer (RMSNorm, RoPE, SDPA attention) with MoE FFNs.
 
-    Layer ``i`` (0-based) is an MoE layer when ``moe_every > 0`` and ``i % moe_every ==
-    moe_every - 1``; the others have a dense SwiGLU of width ``d_ff``. ``moe_every=0`` gives
-    the dense baseline. Input and output embeddings are tied.
+    Which layers are MoE: the first ``first_dense_layers`` layers are dense (DeepSeek's
+    ``first_k_dense_replace``); after them, every ``moe_every``-th layer is an MoE layer, i.e.
+    layer ``i`` (0-based) is MoE when ``moe_every > 0``, ``i >= first_dense_layers`` and
+    ``(i - first_dense_layers) % moe_every == moe_every - 1``. Dense layers have a SwiGLU of
+    width ``d_ff``; ``moe_every=0`` gives the dense baseline. Input and output embeddings are tied.
+
+    Fine-grained experts (DeepSeekMoE): ``granularity = m`` splits each of the ``num_experts``
+    experts of width ``expert_d_ff`` into ``m`` experts of width ``expert_d_ff / m`` and lets
+    every token reach ``m`` times as many (the router's ``top_k``, or expert choice's capacity
+    factor, is multiplied by ``m``), so total and active parameters stay the same while the
+    number of expert combinations grows. Shared experts: ``num_shared_experts`` experts of the
+    (fine-grained) expert width that every token passes through, optionally behind a sigmoid
+    gate (``shared_expert_gate``, Qwen2-MoE) or not (DeepSeek).
 
     Args:
         vocab_size: vocabulary size V, >= 1.
@@ -99,13 +109,20 @@ class MoETransformer(nn.Module):
         n_layers: transformer blocks, >= 1.
         n_heads: attention heads, >= 1.
         d_ff: hidden width of the dense FFNs, >= 1.
-        num_experts: experts per MoE layer, >= 1.
-        expert_d_ff: hidden width of each expert, >= 1.
-        moe_every: 1 = every layer is MoE, n = every n-th layer, 0 = none (dense).
-        router: router factory called as ``router(d_model, num_experts)`` for each MoE layer.
+        num_experts: experts per MoE layer before the fine-grained split, >= 1.
+        expert_d_ff: hidden width of each expert before the split, >= 1, divisible by
+            ``granularity``.
+        moe_every: 1 = every layer (after the leading dense ones) is MoE, n = every n-th, 0 = none.
+        router: router factory called as ``router(d_model, num_experts * granularity)`` for each
+            MoE layer; its experts per token are then multiplied by ``granularity``.
         balancers: auxiliary losses added in every MoE layer.
-        dispatcher: dispatch backend name (``"grouped"`` or ``"loop"``).
+        dispatcher: dispatch backend name (``"grouped"``, ``"triton"`` or ``"loop"``).
         capacity: expert capacity of every MoE layer (``None``: dropless).
+        granularity: fine-grained split factor m, >= 1.
+        num_shared_experts: shared experts per MoE layer, >= 0, each of width
+            ``expert_d_ff / granularity``.
+        shared_expert_gate: gate the shared experts' output with a per-token sigmoid.
+        first_dense_layers: leading dense layers, in [0, n_layers].
     """
 
     def __init__(
@@ -123,25 +140,45 @@ class MoETransformer(nn.Module):
         balancers: Sequence[Balancer] = (),
         dispatcher: str = "grouped",
         capacity: ExpertCapacity | None = None,
+        granularity: int = 1,
+        num_shared_experts: int = 0,
+        shared_expert_gate: bool = False,
+        first_dense_layers: int = 0,
     ) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("d_model", d_model),
                             ("n_layers", n_layers), ("n_heads", n_heads), ("d_ff", d_ff),
-                            ("num_experts", num_experts), ("expert_d_ff", expert_d_ff)]:
+                            ("num_experts", num_experts), ("expert_d_ff", expert_d_ff),
+                            ("granularity", granularity)]:
             check_positive_int(name, value)
         check_int_range("moe_every", moe_every, 0, n_layers)
+        check_int_range("first_dense_layers", first_dense_layers, 0, n_layers)
+        check_non_negative_int("num_shared_experts", num_shared_experts)
+        if expert_d_ff % granularity:
+            raise ValueError(
+                f"`granularity` ({granularity}) must divide `expert_d_ff` ({expert_d_ff}); valid values: "
+                f"{[g for g in range(1, expert_d_ff + 1) if expert_d_ff % g == 0]}."
+            )
+        if shared_expert_gate and not num_shared_experts:
+            raise ValueError("`shared_expert_gate=True` needs `num_shared_experts` >= 1.")
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"`d_model` ({d_model}) must split into `n_heads` ({n_heads}) heads of even width.")
         get_dispatcher(dispatcher)  # fail on an unknown name even when there are no MoE layers
         self.max_seq_len = max_seq_len
+        self.n_layers, self.d_model, self.granularity = n_layers, d_model, granularity
         self.embed = nn.Embedding(vocab_size, d_model)
         rotary = Rotary(d_model // n_heads, max_seq_len)
 
+        fine_d_ff, fine_experts = expert_d_ff // granularity, num_experts * granularity
+
         def ffn(i: int) -> nn.Module:
-            if moe_every and i % moe_every == moe_every - 1:
-                return MoELayer(d_model, expert_d_ff, num_experts, router(d_model, num_experts), balancers, dispatcher,
-                                capacity)
-            return SwiGLU(d_model, d_ff)
+            if not moe_every or i < first_dense_layers or (i - first_dense_layers) % moe_every != moe_every - 1:
+                return SwiGLU(d_model, d_ff)
+            layer_router = router(d_model, fine_experts)
+            if granularity > 1:
+                layer_router.scale_experts_per_token(granularity)
+            return MoELayer(d_model, fine_d_ff, fine_experts, layer_router, balancers, dispatcher, capacity,
+                            shared_d_ff=num_shared_experts * fine_d_ff, shared_gate=shared_expert_gate)
 
         self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))
         self.norm = RMSNorm(d_model)
@@ -173,14 +210,29 @@ class MoETransformer(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters and ``active`` ones (used per token: on average
-        ``router.experts_per_token`` of E experts per MoE layer)."""
+        ``router.experts_per_token`` of E routed experts per MoE layer; shared experts, routers,
+        attention, norms and the tied embedding always), and ``expert`` (all routed experts)."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        inactive = expert = 0
         for layer in self.moe_layers():
             expert_params = sum(p.numel() for p in layer.experts.parameters())
             share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
             inactive += round(expert_params * share)
-        return {"total": total, "active": total - inactive}
+            expert += expert_params
+        return {"total": total, "active": total - inactive, "expert": expert}
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Forward FLOPs per token at sequence length ``seq_len`` (default ``max_seq_len``).
+
+        Kaplan et al.'s count: 2 per weight of every matmul a token goes through (the active
+        parameters without the norms' weights; the tied embedding counts once, as the output
+        projection) plus ``2 * n_layers * seq_len * d_model`` for attention scores and values.
+        A training step costs about three times this.
+        """
+        seq_len = self.max_seq_len if seq_len is None else check_positive_int("seq_len", seq_len)
+        norm_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+        matmul_params = self.parameter_counts()["active"] - norm_params
+        return 2 * matmul_params + 2 * self.n_layers * seq_len * self.d_model
 
     @torch.no_grad()
     def generate(

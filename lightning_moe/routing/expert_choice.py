@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_positive_float
+from lightning_moe._validate import check_positive_float, check_positive_int
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
@@ -51,6 +51,12 @@ class ExpertChoiceRouter(Router):
     @property
     def experts_per_token(self) -> float:
         return min(self.capacity_factor, float(self.num_experts))
+
+    def scale_experts_per_token(self, factor: int) -> None:
+        """Expert choice reaches ``capacity_factor`` experts per token on average: scale that."""
+        check_positive_int("factor", factor)
+        self.capacity_factor *= factor
+        self.top_k = max(1, min(self.num_experts, round(self.capacity_factor)))
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens each expert takes from a batch of ``num_tokens``."""

@@ -84,5 +84,12 @@ class Router(nn.Module):
         """Average experts a token reaches (``top_k`` for token choice); used for active-parameter counts."""
         return float(self.top_k)
 
+    def scale_experts_per_token(self, factor: int) -> None:
+        """Multiply the experts each token reaches by ``factor`` (fine-grained experts: each expert
+        split into ``factor`` narrower ones keeps the active compute when tokens reach ``factor``
+        times as many). Token-choice routers multiply ``top_k``; the result must stay <= E."""
+        check_positive_int("factor", factor)
+        self.top_k = check_int_range("top_k * granularity", self.top_k * factor, 1, self.num_experts)
+
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
