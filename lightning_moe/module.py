@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
@@ -35,19 +36,25 @@ class MoELanguageModel(L.LightningModule):
     factory: the model calls ``router(d_model, num_experts)`` for each MoE layer, so widths are
     never repeated in YAML.
 
-    Logs ``train/lm_loss``, ``train/loss`` (the optimised total), ``train/<balancer name>``
+    Logs once, when fitting starts, the model's size to every logger at step 0:
+    ``model/params_total``, ``model/params_active`` (per token), ``model/params_expert`` (all
+    routed experts) and ``model/flops_per_token`` (forward, at ``max_seq_len``; see
+    :meth:`~lightning_moe.models.MoETransformer.flops_per_token`), and prints them. Logs
+    ``train/lm_loss``, ``train/loss`` (the optimised total), ``train/<balancer name>``
     (summed over layers), ``val/loss`` (cross-entropy only, comparable with the dense
     baseline) and ``val/<balancer name>``.
 
     Args:
         vocab_size: vocabulary size (linked to the data module's by the CLI).
         max_seq_len: longest sequence (linked to the data module's ``seq_len`` by the CLI).
-        d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every: see
+        d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every, granularity,
+            num_shared_experts, shared_expert_gate, first_dense_layers: see
             :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the dense baseline.
         router: router factory, called as ``router(d_model, num_experts)``.
         balancers: auxiliary losses of every MoE layer; ``None`` means
             ``[SwitchAuxLoss(0.01), ZLoss(0.001)]``, ``[]`` means none.
-        dispatcher: dispatch backend, ``grouped`` (fast) or ``loop`` (reference).
+        dispatcher: dispatch backend, ``grouped`` (fast on CPU), ``triton`` (GPU kernels; falls back to
+            ``grouped`` with a warning where they cannot run) or ``loop`` (reference).
         capacity: expert capacity with token dropping
             (:class:`~lightning_moe.routing.ExpertCapacity`); ``None`` is dropless.
         optimizer: optimizer factory, called with the parameters.
@@ -68,10 +75,14 @@ class MoELanguageModel(L.LightningModule):
         moe_every: int = 1,
         router: RouterFactory = TopKRouter,
         balancers: list[Balancer] | None = None,
-        dispatcher: Literal["grouped", "loop"] = "grouped",
+        dispatcher: Literal["grouped", "triton", "loop"] = "grouped",
         capacity: ExpertCapacity | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        granularity: int = 1,
+        num_shared_experts: int = 0,
+        shared_expert_gate: bool = False,
+        first_dense_layers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -84,13 +95,27 @@ class MoELanguageModel(L.LightningModule):
             balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
         self.model = MoETransformer(
             vocab_size, max_seq_len, d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every,
-            router, balancers, dispatcher, capacity,
+            router, balancers, dispatcher, capacity, granularity, num_shared_experts, shared_expert_gate,
+            first_dense_layers,
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
     def forward(self, ids_BS: Tensor) -> Tensor:
         return self.model(ids_BS)
+
+    def size_metrics(self) -> dict[str, int]:
+        """Total, active and routed-expert parameters and forward FLOPs per token."""
+        counts = self.model.parameter_counts()
+        return {"model/params_total": counts["total"], "model/params_active": counts["active"],
+                "model/params_expert": counts["expert"], "model/flops_per_token": self.model.flops_per_token()}
+
+    def on_fit_start(self) -> None:
+        metrics = self.size_metrics()
+        rank_zero_info("  ".join(f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
 
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids_BS1 = batch["input_ids"]

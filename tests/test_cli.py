@@ -50,6 +50,10 @@ def test_whole_config_parses_and_builds(path: Path, monkeypatch: pytest.MonkeyPa
     assert model.model.max_seq_len == config["max_seq_len"]
 
 
+ARCHITECTURE_KEYS = {"granularity", "num_shared_experts", "shared_expert_gate", "first_dense_layers", "moe_every",
+                     "d_ff"}
+
+
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config", str(path))
@@ -74,13 +78,21 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
         for spec, balancer in zip(fragment["balancers"], model.model.moe_layers()[0].balancers, strict=True):
             for key, value in spec.get("init_args", {}).items():
                 assert getattr(balancer, key) == value, key
+    for key in ARCHITECTURE_KEYS & fragment.keys():
+        assert model.hparams[key] == fragment[key], key
+    if "granularity" in fragment:
+        layer = model.model.moe_layers()[0]
+        assert layer.num_experts == 8 * fragment["granularity"]
+        assert layer.experts.d_ff == 256 // fragment["granularity"]
+        assert layer.router.top_k == 2 * fragment["granularity"]
     if "capacity" in fragment:
         capacity = model.model.moe_layers()[0].capacity
         for key, value in fragment["capacity"]["init_args"].items():
             assert getattr(capacity, key) == value, key
 
 
-ROUTER_FRAGMENTS = sorted((CONFIGS / "routers").glob("*.yaml")) + sorted((CONFIGS / "balancing").glob("*.yaml"))
+ROUTER_FRAGMENTS = [p for folder in ("routers", "balancing", "architectures")
+                    for p in sorted((CONFIGS / folder).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", ROUTER_FRAGMENTS, ids=lambda p: p.stem)
