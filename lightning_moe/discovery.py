@@ -158,8 +158,9 @@ class LightningMoEView(MoELayerView):
         return getattr(self.module.router, "expert_bias_E", None)
 
     def expert_tensors(self) -> list[Tensor]:
-        experts = self.module.experts
-        return [experts.w_gate_EDF, experts.w_up_EDF, experts.w_out_EFD]
+        # Every experts module stores grouped weights whose dim 0 indexes experts (SwiGLU: w_gate,
+        # w_up, w_out; MLP experts also their biases).
+        return [p for p in self.module.experts.parameters() if p.dim() >= 1 and p.shape[0] == self.num_experts]
 
     def router_rows(self) -> list[Tensor]:
         scorer = getattr(self.module.router, "scorer", None)

@@ -6,7 +6,7 @@ Legend: ``T`` tokens (leading dimensions flattened), ``D`` model width, ``E`` ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,9 @@ from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import TopKRouter
+
+ExpertsFactory = Callable[[int, int, int], nn.Module]
+"""Builds the routed experts from ``(d_model, d_ff, num_experts)``."""
 
 
 class MoELayer(nn.Module):
@@ -48,6 +51,10 @@ class MoELayer(nn.Module):
         shared_d_ff: hidden width of the shared experts (all of them together), >= 0; 0 = none.
         shared_gate: scale the shared experts' output by a learned sigmoid gate per token
             (needs ``shared_d_ff > 0``).
+        experts: experts factory called as ``experts(d_model, d_ff, num_experts)``; SwiGLU
+            (:class:`~lightning_moe.experts.SwiGLUExperts`) by default. Any module with the
+            dispatchers' ``Experts`` protocol (``expert_forward``, ``grouped_forward``) works;
+            ``grouped`` and ``triton`` have their fused paths for SwiGLU experts only.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class MoELayer(nn.Module):
         capacity: ExpertCapacity | None = None,
         shared_d_ff: int = 0,
         shared_gate: bool = False,
+        experts: ExpertsFactory = SwiGLUExperts,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -71,7 +79,9 @@ class MoELayer(nn.Module):
                 f"The router was built for d_model={self.router.d_model}, num_experts={self.router.num_experts}; "
                 f"this layer has d_model={d_model}, num_experts={num_experts}."
             )
-        self.experts = SwiGLUExperts(d_model, d_ff, num_experts)
+        self.experts = experts(d_model, d_ff, num_experts)
+        if getattr(self.experts, "num_experts", None) != num_experts:
+            raise ValueError(f"`experts` must build a module with num_experts={num_experts}, got {self.experts!r}.")
         self.shared_d_ff = check_non_negative_int("shared_d_ff", shared_d_ff)
         if shared_gate and not shared_d_ff:
             raise ValueError("`shared_gate=True` needs shared experts: set `shared_d_ff` > 0.")
