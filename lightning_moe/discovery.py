@@ -190,6 +190,12 @@ def _our_layer(name: str, module: nn.Module) -> MoELayerView | None:
 register_moe_adapter(_our_layer)
 
 
+def forget_view(module: nn.Module) -> MoELayerView | None:
+    """Drop the cached view of ``module`` (after its layout changed, e.g. its router was swapped) and
+    return it; the next :func:`find_moe_layers` builds a new one."""
+    return _VIEWS.pop(module, None)
+
+
 def _view_of(name: str, module: nn.Module) -> MoELayerView | None:
     view = _VIEWS.get(module)
     if view is not None:

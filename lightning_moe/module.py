@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_moe._validate import check_non_negative
 from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
 from lightning_moe.models.transformer import MoETransformer, RouterFactory
 from lightning_moe.optim import WarmupCosineLR
@@ -18,13 +20,15 @@ from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.topk import TopKRouter
 
 
-def _is_plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is plain config (str, numbers, bools, None, and lists/dicts of them), which
+    checkpoints can carry as hyperparameters and ``torch.load(weights_only=True)`` reads back."""
     if isinstance(value, (str, int, float, bool, type(None))):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return all(is_plain(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
     return False
 
 
@@ -60,6 +64,16 @@ class MoELanguageModel(L.LightningModule):
         optimizer: optimizer factory, called with the parameters.
         lr_scheduler: LR scheduler factory, called with the optimizer and stepped every
             optimizer step; ``None`` keeps the LR constant.
+        upcycle_from: a checkpoint (``.ckpt``) of a *dense* ``MoELanguageModel`` (``moe_every=0``)
+            with the same widths: when fitting starts from scratch, its weights are loaded and
+            every MoE layer's experts are upcycled from the dense FFN of the same block
+            (:func:`~lightning_moe.upcycling.upcycle_state_dict`): copies of it with
+            ``granularity=1`` (``expert_d_ff`` = the dense ``d_ff``), fine-grained slices of it
+            with ``granularity=m`` (``expert_d_ff`` = the dense ``d_ff``, split into m). Resuming
+            with ``ckpt_path`` restores the MoE checkpoint instead.
+        upcycle_noise: relative noise added to every upcycled expert weight, >= 0 (0 keeps the
+            dense model's function exactly for copies with renormalised top-k gates).
+        upcycle_seed: seed of that noise.
     """
 
     def __init__(
@@ -83,6 +97,9 @@ class MoELanguageModel(L.LightningModule):
         num_shared_experts: int = 0,
         shared_expert_gate: bool = False,
         first_dense_layers: int = 0,
+        upcycle_from: str | None = None,
+        upcycle_noise: float = 0.0,
+        upcycle_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +107,7 @@ class MoELanguageModel(L.LightningModule):
         # which `load_from_checkpoint` rebuilds. Python objects (a router class, balancer instances,
         # lambdas) are dropped so that checkpoints load with torch.load(weights_only=True); pass
         # them again to `load_from_checkpoint`.
-        self.remove_ignored_hparams([name for name, value in self.hparams.items() if not _is_plain(value)])
+        self.remove_ignored_hparams([name for name, value in self.hparams.items() if not is_plain(value)])
         if balancers is None:
             balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
         self.model = MoETransformer(
@@ -100,6 +117,10 @@ class MoELanguageModel(L.LightningModule):
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.upcycle_from = upcycle_from
+        self.upcycle_noise = check_non_negative("upcycle_noise", upcycle_noise)
+        self.upcycle_seed = upcycle_seed
+        self._upcycled = False
 
     def forward(self, ids_BS: Tensor) -> Tensor:
         return self.model(ids_BS)
@@ -110,7 +131,23 @@ class MoELanguageModel(L.LightningModule):
         return {"model/params_total": counts["total"], "model/params_active": counts["active"],
                 "model/params_expert": counts["expert"], "model/flops_per_token": self.model.flops_per_token()}
 
+    def upcycle(self, dense_checkpoint: str) -> None:
+        """Load a dense ``MoELanguageModel`` checkpoint's weights and upcycle its FFNs into this
+        model's experts (``split`` when ``granularity > 1``, else ``copy``)."""
+        from lightning_moe.upcycling import upcycle_state_dict
+
+        if not Path(dense_checkpoint).is_file():
+            raise FileNotFoundError(f"`upcycle_from`: no dense checkpoint at {dense_checkpoint!r}.")
+        state = torch.load(dense_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        method = "split" if self.model.granularity > 1 else "copy"
+        upcycle_state_dict(self.model, state, method, self.upcycle_noise, self.upcycle_seed, prefix="model.")
+        self._upcycled = True
+        rank_zero_info(f"Upcycled from {dense_checkpoint} ({method}, noise {self.upcycle_noise}).")
+
     def on_fit_start(self) -> None:
+        # After Lightning restored a `ckpt_path`: resuming an upcycled run continues it.
+        if self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
+            self.upcycle(self.upcycle_from)
         metrics = self.size_metrics()
         rank_zero_info("  ".join(f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))
         if self.trainer.is_global_zero:

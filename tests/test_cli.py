@@ -255,3 +255,36 @@ def test_tiny_fits_through_the_real_entry_point(tmp_path: Path) -> None:
         assert total == pytest.approx(lm + aux + z, rel=1e-5)
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def test_upcycle_from_a_dense_checkpoint_through_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "2",
+             "--trainer.val_check_interval", "4", "--model.d_model", "64", "--model.n_layers", "2",
+             "--model.max_seq_len", "32"]
+    dense = run_cli(["fit", "--config", str(CONFIGS / "dense_baseline.yaml"), "--trainer.max_steps", "4", *quiet])
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    upcycle_yaml = str(CONFIGS / "upcycle_from_dense.yaml")
+
+    # The YAML's model, upcycled from the checkpoint, computes the dense model's function.
+    upcycled = run_cli(["--config", upcycle_yaml, *quiet, "--model.upcycle_from", str(checkpoint)], run=False).model
+    upcycled.upcycle(str(checkpoint))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    dense_model, moe_model = dense.model.eval(), upcycled.eval()
+    assert len(moe_model.model.moe_layers()) == 2
+    torch.testing.assert_close(moe_model(ids), dense_model(ids), atol=1e-5, rtol=1e-5)
+
+    # Fine-tuning through the CLI upcycles when fitting starts, then trains.
+    cli = run_cli(["fit", "--config", upcycle_yaml, *quiet, "--model.upcycle_from", str(checkpoint),
+                   "--trainer.max_steps", "4", "--trainer.callbacks", "null",
+                   "--trainer.enable_checkpointing", "false"])
+    assert cli.model._upcycled and cli.trainer.global_step == 4
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+    # A checkpoint of other widths is refused before anything changes, naming the keys.
+    wrong = run_cli(["--config", upcycle_yaml, *quiet, "--model.d_model", "32"], run=False).model
+    expected = r"(?s)does not fit this model.*embed.weight is \[256, 64\] in the checkpoint, the model expects"
+    with pytest.raises(ValueError, match=expected):
+        wrong.upcycle(str(checkpoint))

@@ -44,6 +44,10 @@ deep copy (or pickle) of a model carries copies of the views, bound to the copie
 
 Other blocks with one of these structures and routing rules can be added to
 :data:`HF_BLOCK_VIEWS` (class name -> view class).
+
+A supported 5.x block whose gate :func:`~lightning_moe.integrations.hf_routers.swap_routers`
+replaced with one of our routers gets a :class:`SwappedRouterView` instead: statistics, aux
+losses, balancers, bias and router rows then come from that router, with no hook.
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.balancing.losses import Balancer
 from lightning_moe.discovery import MoELayerView, register_moe_adapter
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.routing.routing import Router
 
 __all__ = [
     "HF_BLOCK_VIEWS",
@@ -67,6 +73,7 @@ __all__ = [
     "OlmoeView",
     "Qwen2MoeView",
     "Qwen3MoeView",
+    "SwappedRouterView",
     "hf_moe_view",
 ]
 
@@ -254,6 +261,47 @@ class DeepseekV3View(HFMoEView):
         return indices_TK, weights_TK * float(self._setting("routed_scaling_factor", default=1.0))
 
 
+class SwappedRouterView(MoELayerView):
+    """View of a supported block whose ``gate`` is a ``RouterGate`` (one of our routers, put there by
+    :func:`~lightning_moe.integrations.hf_routers.swap_routers`).
+
+    Everything comes from the gate and the block's fused experts: ``stats``, ``aux_losses`` and
+    ``balancers`` are the gate's, ``expert_bias`` the router's ``expert_bias_E``, ``router_rows()``
+    its scorer's ``expert_rows()``. ``family`` is the block's family. It registers no hook.
+    """
+
+    def __init__(self, name: str, module: nn.Module, family: str) -> None:
+        super().__init__(name, module, module.gate.router.num_experts)
+        self.family = family
+
+    @property
+    def router(self) -> Router:
+        return self.module.gate.router
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        return self.module.gate.stats
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return self.module.gate.aux_losses
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return self.module.gate.balancers
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return getattr(self.router, "expert_bias_E", None)
+
+    def router_rows(self) -> list[Tensor]:
+        scorer = getattr(self.router, "scorer", None)
+        return scorer.expert_rows() if scorer is not None else []
+
+    def expert_tensors(self) -> list[Tensor]:
+        return _fused_expert_tensors(self.module.experts, self.num_experts)
+
+
 #: Block class name -> view class. A block matches when its class or one of its base classes has
 #: one of these names (and it has the structure). Add entries for blocks that share a family's
 #: structure and routing rule.
@@ -266,13 +314,15 @@ HF_BLOCK_VIEWS: dict[str, type[HFMoEView]] = {
 }
 
 
-def hf_moe_view(name: str, module: nn.Module) -> HFMoEView | None:
+def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
     """The view of ``module`` when it is a supported Hugging Face MoE block, else ``None``."""
     view_cls = next((HF_BLOCK_VIEWS[c.__name__] for c in type(module).__mro__ if c.__name__ in HF_BLOCK_VIEWS), None)
     if view_cls is None:
         return None
     gate = getattr(module, "gate", None)
     experts = getattr(module, "experts", None)
+    if isinstance(getattr(gate, "router", None), Router) and isinstance(experts, nn.Module):  # swap_routers' gate
+        return SwappedRouterView(name, module, view_cls.family)
     weight = getattr(gate, "weight", None)
     if not (isinstance(gate, nn.Module) and isinstance(experts, nn.Module) and isinstance(weight, Tensor)
             and weight.dim() == 2):

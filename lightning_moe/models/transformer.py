@@ -6,6 +6,7 @@ Legend: ``B`` batch, ``S`` sequence, ``D`` model width, ``H`` heads, ``Dh`` head
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -174,7 +175,10 @@ class MoETransformer(nn.Module):
         def ffn(i: int) -> nn.Module:
             if not moe_every or i < first_dense_layers or (i - first_dense_layers) % moe_every != moe_every - 1:
                 return SwiGLU(d_model, d_ff)
-            layer_router = router(d_model, fine_experts)
+            with warnings.catch_warnings():
+                if granularity > 1:  # top_k=1 is not final here: it is multiplied by the granularity next
+                    warnings.filterwarnings("ignore", message=r".*\(top_k=1, renormalize=True\)")
+                layer_router = router(d_model, fine_experts)
             if granularity > 1:
                 layer_router.scale_experts_per_token(granularity)
             return MoELayer(d_model, fine_d_ff, fine_experts, layer_router, balancers, dispatcher, capacity,
