@@ -2,6 +2,11 @@
 
     lightning-moe fit --config cli_configs/tiny.yaml
     lightning-moe fit --config cli_configs/tiny.yaml --model.router.top_k 1 --model.dispatcher loop
+
+and ``lightning-moe-hf``, the same over ``HFMoEFineTune`` (a Hugging Face MoE causal LM, with our
+routers if asked):
+
+    lightning-moe-hf fit --config cli_configs/hf/qwen2_moe_routers.yaml
 """
 
 from __future__ import annotations
@@ -50,6 +55,29 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
 def main() -> None:
     """The ``lightning-moe`` console script."""
     run_cli()
+
+
+class HFCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, ImportError) as err:
+            self.parser.error(str(err))
+
+
+def run_hf_cli(args: list[str] | None = None, run: bool = True) -> HFCLI:
+    """Run ``lightning-moe-hf`` on ``args``: :class:`~lightning_moe.hf_module.HFMoEFineTune` with
+    :class:`TextDataModule` (give ``data.tokenizer`` the model's tokenizer for a pre-trained model)."""
+    from lightning_moe.hf_module import HFMoEFineTune
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return HFCLI(HFMoEFineTune, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
+def main_hf() -> None:
+    """The ``lightning-moe-hf`` console script."""
+    run_hf_cli()
 
 
 if __name__ == "__main__":

@@ -164,6 +164,11 @@ class HFMoEFineTune(L.LightningModule):
                 "model/params_trainable": sum(p.numel() for p in params if p.requires_grad)}
 
     def on_fit_start(self) -> None:
+        vocab = getattr(self.trainer.datamodule, "vocab_size", None)
+        embeddings = self.model.get_input_embeddings().num_embeddings
+        if vocab is not None and vocab > embeddings:
+            raise ValueError(f"The data's tokenizer has {vocab} tokens but the model embeds {embeddings}: give the "
+                             "data module the model's tokenizer (`tokenizer`), or a model with a larger `vocab_size`.")
         metrics = self.size_metrics()
         rank_zero_info(f"train={self.train_setting!r}: " + "  ".join(
             f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))

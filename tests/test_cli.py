@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cli_configs"
 WHOLE = sorted(CONFIGS.glob("*.yaml"))  # complete experiments
 CALLBACKS = sorted((CONFIGS / "callbacks").glob("*.yaml"))  # appended with --trainer.callbacks+=FILE
-FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p not in CALLBACKS)  # used on top of tiny.yaml
+HF = sorted((CONFIGS / "hf").glob("*.yaml"))  # lightning-moe-hf (tests/test_hf_cli.py)
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p not in CALLBACKS + HF)  # used on top of tiny.yaml
 
 
 @pytest.fixture(autouse=True)

@@ -11,18 +11,18 @@ from torch.utils.data import DataLoader
 from lightning_moe._validate import check_positive_int
 from lightning_moe.data.corpus import builtin_corpus_lines
 from lightning_moe.data.loader import EpochShuffleSampler, ResumableDataLoader
-from lightning_moe.data.tokenizer import ByteTokenizer
+from lightning_moe.data.tokenizer import ByteTokenizer, HFTokenizer
 
 
 class TextDataModule(L.LightningDataModule):
-    """Language-modelling blocks of ``seq_len + 1`` byte tokens from text.
+    """Language-modelling blocks of ``seq_len + 1`` tokens (bytes by default) from text.
 
     The text is read with ``datasets.load_dataset("text", ...)`` from ``data_files`` or, when
     none are given, taken from the built-in corpus (:mod:`lightning_moe.data.corpus`). It is
-    tokenised to UTF-8 bytes, concatenated and cut into non-overlapping blocks; the last
-    ``val_fraction`` of the blocks (a contiguous tail, so no text leaks between the splits) is
-    the validation set, also used by ``test`` and ``predict``. Each batch is
-    ``{"input_ids": (B, seq_len + 1)}``; the model predicts tokens 1..S from tokens 0..S-1.
+    tokenised (to UTF-8 bytes unless ``tokenizer`` names another), concatenated and cut into
+    non-overlapping blocks; the last ``val_fraction`` of the blocks (a contiguous tail, so no
+    text leaks between the splits) is the validation set, also used by ``test`` and ``predict``.
+    Each batch is ``{"input_ids": (B, seq_len + 1)}``; the model predicts tokens 1..S from tokens 0..S-1.
 
     Args:
         data_files: a text file or a list of them; ``None`` uses the built-in corpus.
@@ -32,6 +32,9 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: share of the blocks held out for validation, in (0, 1).
         num_workers: DataLoader worker processes, >= 0.
         seed: seed of the per-epoch shuffle of the training blocks.
+        tokenizer: ``None`` for UTF-8 bytes (vocabulary 256), or a Hugging Face tokenizer's local
+            directory (or hub name) to fine-tune a pre-trained model on its own vocabulary
+            (:class:`~lightning_moe.data.tokenizer.HFTokenizer`).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         self.data_files = [data_files] if isinstance(data_files, str) else data_files
@@ -62,7 +66,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.num_workers = num_workers
         self.seed = seed
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = ByteTokenizer() if tokenizer is None else HFTokenizer(tokenizer)
         self.train_set: Any = None
         self.val_set: Any = None
 
