@@ -187,9 +187,14 @@ def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp
     assert (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher) == (1, False, 6, "loop")
 
 
+def test_triton_dispatcher_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--model.dispatcher", "triton")
+    assert {layer.dispatcher for layer in model.model.moe_layers()} == {"triton"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model.routr.top_k", "1"], "routr"),
-    (["--model.dispatcher", "triton"], "triton"),
+    (["--model.dispatcher", "trition"], "trition"),
     (["--model.router.init_args.top_kk", "3"], "top_kk"),
 ])
 def test_config_typo_gives_the_cli_message(args: list[str], message: str, capsys: pytest.CaptureFixture,
