@@ -12,14 +12,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_float, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.discovery import find_moe_layers
 from lightning_moe.integrations.hf_routers import RouterFactory, RouterGate, swap_routers
-from lightning_moe.module import is_plain
+from lightning_moe.module import is_plain, log_sizes_once, log_training_losses
 from lightning_moe.routing.capacity import ExpertCapacity
 
 TRAIN_MODES = ("all", "routers", "lora")
@@ -143,13 +142,7 @@ class HFMoEFineTune(L.LightningModule):
         return aux
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        lm_loss, aux = self._losses(batch)
-        loss = lm_loss + sum(aux.values())
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lm_loss", lm_loss)
-        for name, value in aux.items():
-            self.log(f"train/{name}", value)
-        return loss
+        return log_training_losses(self, *self._losses(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         lm_loss, _ = self._losses(batch)
@@ -169,12 +162,7 @@ class HFMoEFineTune(L.LightningModule):
         if vocab is not None and vocab > embeddings:
             raise ValueError(f"The data's tokenizer has {vocab} tokens but the model embeds {embeddings}: give the "
                              "data module the model's tokenizer (`tokenizer`), or a model with a larger `vocab_size`.")
-        metrics = self.size_metrics()
-        rank_zero_info(f"train={self.train_setting!r}: " + "  ".join(
-            f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=0)
+        log_sizes_once(self, self.size_metrics(), headline=f"train={self.train_setting!r}: ")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])

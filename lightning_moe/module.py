@@ -32,6 +32,25 @@ def is_plain(value: Any) -> bool:
     return False
 
 
+def log_training_losses(module: L.LightningModule, lm_loss: Tensor, aux: dict[str, Tensor]) -> Tensor:
+    """Log ``train/loss`` (``lm_loss`` plus every aux loss: the optimised total), ``train/lm_loss``
+    and ``train/<name>`` of each aux loss; return the total."""
+    loss = lm_loss + sum(aux.values())
+    module.log("train/loss", loss, prog_bar=True)
+    module.log("train/lm_loss", lm_loss)
+    for name, value in aux.items():
+        module.log(f"train/{name}", value)
+    return loss
+
+
+def log_sizes_once(module: L.LightningModule, metrics: dict[str, int], headline: str = "") -> None:
+    """Print ``metrics`` and log them to every logger at step 0, from rank zero (call at fit start)."""
+    rank_zero_info(headline + "  ".join(f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))
+    if module.trainer.is_global_zero:
+        for logger in module.loggers:
+            logger.log_metrics(metrics, step=0)
+
+
 class MoELanguageModel(L.LightningModule):
     """A decoder-only MoE language model; loss = next-token cross-entropy + every aux loss.
 
@@ -148,11 +167,7 @@ class MoELanguageModel(L.LightningModule):
         # After Lightning restored a `ckpt_path`: resuming an upcycled run continues it.
         if self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
             self.upcycle(self.upcycle_from)
-        metrics = self.size_metrics()
-        rank_zero_info("  ".join(f"{name.removeprefix('model/')}={value:,}" for name, value in metrics.items()))
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=0)
+        log_sizes_once(self, self.size_metrics())
 
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids_BS1 = batch["input_ids"]
@@ -161,13 +176,7 @@ class MoELanguageModel(L.LightningModule):
         return lm_loss, self.model.aux_losses()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        lm_loss, aux = self._losses(batch)
-        loss = lm_loss + sum(aux.values())
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lm_loss", lm_loss)
-        for name, value in aux.items():
-            self.log(f"train/{name}", value)
-        return loss
+        return log_training_losses(self, *self._losses(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -7,7 +7,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Without a GPU the Triton kernels run under Triton's interpreter. The variable is read when a
 # kernel is defined, so it is set here, before any test module imports one.
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Tiny models run fastest on one thread, and OpenMP threads spin-wait badly when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

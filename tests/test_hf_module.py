@@ -34,13 +34,7 @@ ROUTER = functools.partial(TopKRouter, top_k=2, expert_bias=True, scorer=functoo
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny models run fastest on one thread, and OpenMP threads spin-wait badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(num: int, fixed: bool = False) -> DataLoader:

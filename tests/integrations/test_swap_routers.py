@@ -35,13 +35,7 @@ from lightning_moe.integrations.hf_routers import RouterGate, swap_routers  # no
 VOCAB = TOKENS["vocab_size"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny models run fastest on one thread, and OpenMP threads spin-wait badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks_of(model: nn.Module, family: str) -> list[nn.Module]:
