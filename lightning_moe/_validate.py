@@ -38,3 +38,8 @@ def check_non_negative_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
     return value
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` >= 1, ascending: the valid values that error messages list."""
+    return [d for d in range(1, n + 1) if n % d == 0]

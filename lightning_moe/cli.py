@@ -19,19 +19,33 @@ from lightning_moe.data.datamodule import TextDataModule
 from lightning_moe.module import MoELanguageModel
 
 
-class MoECLI(LightningCLI):
+class _UsageErrorCLI(LightningCLI):
+    #: Our components check their arguments when built and raise these naming the parameter; on
+    #: the command line that is a usage error, not a traceback.
+    usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except self.usage_errors as err:
+            self.parser.error(str(err))
+
+
+class MoECLI(_UsageErrorCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # One sequence length for model and data; the vocabulary comes from the tokenizer.
         parser.link_arguments("model.max_seq_len", "data.seq_len")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
-    def instantiate_classes(self) -> None:
-        # Our components check their arguments when built and raise ValueError/FileNotFoundError
-        # naming the parameter; on the command line that is a usage error, not a traceback.
-        try:
-            super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:
-            self.parser.error(str(err))
+
+class HFCLI(_UsageErrorCLI):
+    usage_errors = (*_UsageErrorCLI.usage_errors, ImportError)  # peft missing for train=lora
+
+
+def _offline() -> None:
+    # Never reach for a hub unless the user asks: local files and the built-in corpus need none.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
@@ -40,16 +54,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
     With ``run=False`` there is no subcommand: the config is parsed and the trainer, model and
     data module are built, nothing more.
     """
-    # Never reach for a hub unless the user asks: local files and the built-in corpus need none.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return MoECLI(
-        MoELanguageModel,
-        TextDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    _offline()
+    return MoECLI(MoELanguageModel, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 
 def main() -> None:
@@ -57,21 +63,12 @@ def main() -> None:
     run_cli()
 
 
-class HFCLI(LightningCLI):
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            self.parser.error(str(err))
-
-
 def run_hf_cli(args: list[str] | None = None, run: bool = True) -> HFCLI:
     """Run ``lightning-moe-hf`` on ``args``: :class:`~lightning_moe.hf_module.HFMoEFineTune` with
     :class:`TextDataModule` (give ``data.tokenizer`` the model's tokenizer for a pre-trained model)."""
     from lightning_moe.hf_module import HFMoEFineTune
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _offline()
     return HFCLI(HFMoEFineTune, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 

@@ -48,12 +48,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_non_negative
+from lightning_moe._validate import check_non_negative, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.experts.mlp import MLPExperts
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.moe_layer import MoELayer
-from lightning_moe.models.transformer import MoETransformer, RouterFactory
+from lightning_moe.models.transformer import MoETransformer, RouterFactory, build_router
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import TopKRouter
@@ -68,10 +68,6 @@ UpcycleMethod = Literal["copy", "split"]
 # Argument checks
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _check_method_and_noise(method: str, noise: float) -> float:
     if method not in METHODS:
         raise ValueError(f"Unknown upcycling `method` {method!r}; valid values are {list(METHODS)}.")
@@ -80,15 +76,13 @@ def _check_method_and_noise(method: str, noise: float) -> float:
 
 def _check_granularity(method: str, granularity: int, d_ff: int, num_experts: int) -> int:
     """Raise unless ``granularity`` fits ``method``, the FFN width and the expert count."""
-    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
-        raise ValueError(f"`granularity` must be an integer >= 1, got {granularity!r}.")
+    check_positive_int("granularity", granularity)
     if method == "copy" and granularity != 1:
         raise ValueError(f"`granularity` must be 1 with method='copy' (got {granularity}); use method='split'.")
     if d_ff % granularity:
         raise ValueError(f"`granularity` ({granularity}) must divide the dense FFN width d_ff={d_ff}; "
-                         f"valid values: {_divisors(d_ff)}.")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"`num_experts` must be an integer >= 1, got {num_experts!r}.")
+                         f"valid values: {divisors(d_ff)}.")
+    check_positive_int("num_experts", num_experts)
     if num_experts % granularity:
         raise ValueError(f"`num_experts` ({num_experts}) must be a multiple of `granularity` ({granularity}) "
                          f"with method='split' (E / m copies of the m slices), e.g. {granularity * 2}.")
@@ -466,9 +460,7 @@ def upcycle_hf_bert(
     for _, bert_layer in layers:
         w_in, w_out = bert_layer.intermediate.dense, bert_layer.output.dense
         d_ff, d_model = w_in.weight.shape
-        layer_router = router(d_model, num_experts)
-        if m > 1:
-            layer_router.scale_experts_per_token(m)
+        layer_router = build_router(router, d_model, num_experts, m)
         if zero_router:
             zero_router_rows(layer_router)
         experts = partial(MLPExperts, activation=activation, bias=w_in.bias is not None)

@@ -8,10 +8,12 @@ at run time, and returns ``coeff * raw_loss`` from ``loss(routing)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_non_negative, check_positive_int
+from lightning_moe._validate import check_non_negative, check_positive_int, divisors
 from lightning_moe.routing.routing import Routing
 
 
@@ -37,6 +39,17 @@ class Balancer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(coeff={self.coeff})"
+
+
+def check_balancers(balancers: Sequence[Balancer], num_experts: int) -> list[Balancer]:
+    """``balancers`` as a list, after checking that their names are distinct (each is an aux-loss key)
+    and that each can serve ``num_experts`` experts (:meth:`Balancer.check`)."""
+    names = [b.name for b in balancers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`balancers` must have distinct names, got {names}.")
+    for balancer in balancers:
+        balancer.check(num_experts)
+    return list(balancers)
 
 
 class SwitchAuxLoss(Balancer):
@@ -121,7 +134,7 @@ class _DeviceGroupLoss(Balancer):
         if num_experts % self.num_devices:
             raise ValueError(
                 f"`num_devices` ({self.num_devices}) must divide `num_experts` ({num_experts}) into equal groups; "
-                f"valid values: {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}."
+                f"valid values: {divisors(num_experts)}."
             )
 
     def group_load(self, routing: Routing) -> Tensor:  # pragma: no cover - abstract

@@ -52,6 +52,7 @@ losses, balancers, bias and router rows then come from that router, with no hook
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -74,7 +75,11 @@ __all__ = [
     "Qwen2MoeView",
     "Qwen3MoeView",
     "SwappedRouterView",
+    "block_view_class",
+    "disable_router_aux_loss",
+    "find_hf_blocks",
     "hf_moe_view",
+    "transformers_version",
 ]
 
 
@@ -314,9 +319,50 @@ HF_BLOCK_VIEWS: dict[str, type[HFMoEView]] = {
 }
 
 
+def block_view_class(module: nn.Module) -> type[HFMoEView] | None:
+    """The view class of ``module``'s family when its class or a base class is in
+    :data:`HF_BLOCK_VIEWS` (matched by name; the structure is not checked here), else ``None``."""
+    return next((HF_BLOCK_VIEWS[c.__name__] for c in type(module).__mro__ if c.__name__ in HF_BLOCK_VIEWS), None)
+
+
+def find_hf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every module of ``model`` whose class matches :data:`HF_BLOCK_VIEWS`,
+    outermost only, in module order (``model`` itself included)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if block_view_class(module) is not None:
+            found.append((name, module))
+    return found
+
+
+def transformers_version() -> str:
+    """The installed ``transformers`` version, for error messages (``"not installed"`` without it)."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def disable_router_aux_loss(model: nn.Module, why: str) -> bool:
+    """Set ``output_router_logits = False`` on every config inside ``model`` that has it on, with a
+    warning that starts with ``why``: the models' own load-balancing loss reads logits recorded by
+    their original gates, which conversion and ``swap_routers`` remove. Returns whether any was on."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    turned_off = [c for c in configs.values() if getattr(c, "output_router_logits", False) is True]
+    for config in turned_off:
+        config.output_router_logits = False
+    if turned_off:
+        warnings.warn(f"{why} set `config.output_router_logits = False`: the model's own router aux loss reads the "
+                      "original gates, which are gone. Use our balancers' aux losses (find_moe_layers views' "
+                      "`aux_losses`) instead.", stacklevel=3)
+    return bool(turned_off)
+
+
 def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
     """The view of ``module`` when it is a supported Hugging Face MoE block, else ``None``."""
-    view_cls = next((HF_BLOCK_VIEWS[c.__name__] for c in type(module).__mro__ if c.__name__ in HF_BLOCK_VIEWS), None)
+    view_cls = block_view_class(module)
     if view_cls is None:
         return None
     gate = getattr(module, "gate", None)

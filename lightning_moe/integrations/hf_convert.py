@@ -49,13 +49,18 @@ import importlib
 import math
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
-from lightning_moe.integrations.hf import HF_BLOCK_VIEWS
+from lightning_moe.integrations.hf import (
+    HF_BLOCK_VIEWS,
+    block_view_class,
+    disable_router_aux_loss,
+    find_hf_blocks,
+    transformers_version,
+)
 from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.scorers import LinearScorer
@@ -78,7 +83,7 @@ HF_BLOCK_CLASSES: dict[str, tuple[str, str]] = {
 
 
 def _family_or_none(module: nn.Module) -> str | None:
-    view_cls = next((HF_BLOCK_VIEWS[c.__name__] for c in type(module).__mro__ if c.__name__ in HF_BLOCK_VIEWS), None)
+    view_cls = block_view_class(module)
     return None if view_cls is None else view_cls.family
 
 
@@ -95,13 +100,6 @@ def hf_family(block: nn.Module) -> str:
     return family
 
 
-def _transformers_version() -> str:
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def _is_silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is nn.functional.silu
 
@@ -112,7 +110,7 @@ def _check_layout(block: nn.Module, family: str) -> None:
     experts = getattr(block, "experts", None)
     if isinstance(experts, nn.ModuleList):
         raise ValueError(f"{name} has the per-expert layout of transformers 4.x (`experts` is an nn.ModuleList); "
-                         f"conversion needs transformers>=5 (installed: {_transformers_version()}).")
+                         f"conversion needs transformers>=5 (installed: {transformers_version()}).")
     gate = getattr(block, "gate", None)
     if isinstance(getattr(gate, "router", None), Router):
         raise ValueError(f"{name}'s gate is a {type(gate).__name__} holding our {type(gate.router).__name__} "
@@ -120,7 +118,7 @@ def _check_layout(block: nn.Module, family: str) -> None:
     if not isinstance(getattr(gate, "weight", None), Tensor) or not all(
             isinstance(getattr(experts, p, None), Tensor) for p in ("gate_up_proj", "down_proj")):
         raise ValueError(f"{name} has no `gate.weight` and fused `experts.gate_up_proj`/`experts.down_proj`; "
-                         f"conversion needs the transformers>=5 layout (installed: {_transformers_version()}).")
+                         f"conversion needs the transformers>=5 layout (installed: {transformers_version()}).")
     flags = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
              "has_post_expert_norm": False}
     odd = {k: getattr(experts, k) for k, v in flags.items() if getattr(experts, k, v) != v}
@@ -361,14 +359,11 @@ def to_lightning_moe(model: nn.Module, dispatcher: str = "grouped", balancers: S
     """
     if _family_or_none(model) is not None:
         raise ValueError(f"`model` is itself a {type(model).__name__}; convert it with moe_layer_from_hf().")
-    names = [name for name, module in model.named_modules() if _family_or_none(module) is not None]
+    names = [name for name, _ in find_hf_blocks(model)]
     for name in names:
         _replace(model, name, moe_layer_from_hf(model.get_submodule(name), dispatcher, balancers))
-    config = getattr(model, "config", None)
-    if names and getattr(config, "output_router_logits", False):
-        warnings.warn("Set config.output_router_logits=False: HF's load-balancing loss needs the replaced gates' "
-                      "logits; use the MoE layers' aux_losses (find_moe_layers) instead.", stacklevel=2)
-        config.output_router_logits = False
+    if names:
+        disable_router_aux_loss(model, "to_lightning_moe")
     return names
 
 

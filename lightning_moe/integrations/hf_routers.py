@@ -29,16 +29,22 @@ it was on); use our balancers instead (``RouterGate.aux_losses``), and do not pa
 
 from __future__ import annotations
 
-import importlib.metadata
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe import discovery
-from lightning_moe.balancing.losses import Balancer
-from lightning_moe.integrations.hf import HF_BLOCK_VIEWS, HFMoEView, _fused_expert_tensors
+from lightning_moe.balancing.losses import Balancer, check_balancers
+from lightning_moe.integrations.hf import (
+    HF_BLOCK_VIEWS,
+    HFMoEView,
+    _fused_expert_tensors,
+    disable_router_aux_loss,
+    find_hf_blocks,
+    transformers_version,
+)
+from lightning_moe.layers.moe_layer import route
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.models.transformer import RouterFactory
 from lightning_moe.routing.capacity import ExpertCapacity
@@ -100,13 +106,8 @@ class RouterGate(nn.Module):
         super().__init__()
         if not isinstance(router, Router):
             raise ValueError(f"`router` must be a lightning_moe Router, got {type(router).__name__}.")
-        names = [b.name for b in balancers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"`balancers` must have distinct names, got {names}.")
-        for balancer in balancers:
-            balancer.check(router.num_experts)
         self.router = router
-        self.balancers = list(balancers)
+        self.balancers = check_balancers(balancers, router.num_experts)
         self.capacity = capacity
         self.experts_config = experts_config
         self.routing: Routing | None = None
@@ -130,12 +131,7 @@ class RouterGate(nn.Module):
         return top_k if torch.equal(routing.token_A, expected_A) else None
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_TD = hidden.reshape(-1, self.router.d_model)
-        routing = self.router(x_TD)
-        if hidden.dim() >= 3:
-            routing.seq_len = hidden.shape[-2]
-        if self.capacity is not None:
-            routing = self.capacity(routing, self.training)
+        routing = route(self.router, hidden, self.capacity, self.training)
         weights_TK, indices_TK = routing_to_topk(routing, self.pad_index, self._token_major_k(routing))
         self.routing = routing
         self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
@@ -178,7 +174,7 @@ def swap_routers(
     Returns:
         The qualified names of the blocks swapped, in module order.
     """
-    blocks = _supported_blocks(model)
+    blocks = find_hf_blocks(model)
     if not blocks:
         supported = ", ".join(f"{view.family} ({name})" for name, view in HF_BLOCK_VIEWS.items())
         raise ValueError(f"swap_routers found no supported Hugging Face MoE block in {type(model).__name__}; "
@@ -188,19 +184,8 @@ def swap_routers(
     for (_, block), gate in zip(blocks, gates, strict=True):
         _forget_view(block)
         block.gate = gate
-    _disable_hf_router_aux_loss(model)
+    disable_router_aux_loss(model, "swap_routers")
     return [name for name, _ in blocks]
-
-
-def _supported_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every block whose class (or a base) is in ``HF_BLOCK_VIEWS``, outermost only."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix, _ in found):
-            continue
-        if any(c.__name__ in HF_BLOCK_VIEWS for c in type(module).__mro__):
-            found.append((name, module))
-    return found
 
 
 def _new_gate(name: str, block: nn.Module, router_factory: RouterFactory, balancers: Sequence[Balancer],
@@ -225,7 +210,7 @@ def _gate_size(name: str, block: nn.Module) -> tuple[int, int]:
         raise ValueError(
             f"swap_routers needs the transformers>=5 fused MoE layout; {type(block).__name__} {name!r} has the 4.x "
             f"per-expert layout (nn.ModuleList experts, nn.Linear gate). Installed transformers: "
-            f"{_transformers_version()}; upgrade with `pip install 'transformers>=5'`."
+            f"{transformers_version()}; upgrade with `pip install 'transformers>=5'`."
         )
     if isinstance(gate, RouterGate):
         d_model, num_experts = gate.router.d_model, gate.router.num_experts
@@ -278,22 +263,3 @@ def _forget_view(block: nn.Module) -> None:
     stale = discovery.forget_view(block)
     if isinstance(stale, HFMoEView):
         stale.remove_hook()
-
-
-def _disable_hf_router_aux_loss(model: nn.Module) -> None:
-    """Set ``output_router_logits = False`` on every config in ``model`` (see the module docstring)."""
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    turned_off = [c for c in configs.values() if getattr(c, "output_router_logits", False) is True]
-    for config in turned_off:
-        config.output_router_logits = False
-    if turned_off:
-        warnings.warn("swap_routers set `config.output_router_logits = False`: the model's own router aux loss reads "
-                      "the original gates, which are gone. Pass `balancers=` to swap_routers for balancing losses "
-                      "(RouterGate.aux_losses).", stacklevel=3)
-
-
-def _transformers_version() -> str:
-    try:
-        return importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"

@@ -12,16 +12,27 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_non_negative_int, check_positive_int
-from lightning_moe.balancing.losses import Balancer
+from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.dispatch.backends import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import ExpertCapacity
-from lightning_moe.routing.routing import Router
+from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
 
 ExpertsFactory = Callable[[int, int, int], nn.Module]
 """Builds the routed experts from ``(d_model, d_ff, num_experts)``."""
+
+
+def route(router: Router, x: Tensor, capacity: ExpertCapacity | None, training: bool,
+          token_ids: Tensor | None = None) -> Routing:
+    """Route ``x`` of shape ``(..., D)`` (flattened to ``(T, D)``): the router's decision, with
+    ``seq_len`` set from a ``(B, S, D)`` input (sequence-level balancers) and the capacity limit
+    applied. ``MoELayer`` and ``RouterGate`` (routers swapped into Hugging Face blocks) share it."""
+    routing = router(x.reshape(-1, router.d_model), None if token_ids is None else token_ids.reshape(-1))
+    if x.dim() >= 3:
+        routing.seq_len = x.shape[-2]
+    return routing if capacity is None else capacity(routing, training)
 
 
 class MoELayer(nn.Module):
@@ -87,12 +98,7 @@ class MoELayer(nn.Module):
             raise ValueError("`shared_gate=True` needs shared experts: set `shared_d_ff` > 0.")
         self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
-        names = [b.name for b in balancers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"`balancers` must have distinct names, got {names}.")
-        for balancer in balancers:
-            balancer.check(num_experts)
-        self.balancers = list(balancers)
+        self.balancers = check_balancers(balancers, num_experts)
         self.capacity = capacity
         self.dispatcher = dispatcher
         self._dispatch = get_dispatcher(dispatcher)
@@ -107,11 +113,7 @@ class MoELayer(nn.Module):
                 f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}."
             )
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        if x.dim() >= 3:
-            routing.seq_len = x.shape[-2]
-        if self.capacity is not None:
-            routing = self.capacity(routing, self.training)
+        routing = route(self.router, x, self.capacity, self.training, token_ids)
         y_TD = self._dispatch(x_TD, routing, self.experts)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_int
+from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.dispatch.backends import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU
@@ -24,6 +24,18 @@ from lightning_moe.routing.topk import TopKRouter
 
 RouterFactory = Callable[[int, int], Router]
 """Builds a router from ``(d_model, num_experts)``: the model passes its widths, YAML never repeats them."""
+
+
+def build_router(factory: RouterFactory, d_model: int, num_experts: int, granularity: int = 1) -> Router:
+    """``factory(d_model, num_experts)``, its experts per token then multiplied by ``granularity``
+    (fine-grained experts: :meth:`Router.scale_experts_per_token`)."""
+    with warnings.catch_warnings():
+        if granularity > 1:  # top_k=1 is not final here: it is multiplied by the granularity next
+            warnings.filterwarnings("ignore", message=r".*\(top_k=1, renormalize=True\)")
+        router = factory(d_model, num_experts)
+    if granularity > 1:
+        router.scale_experts_per_token(granularity)
+    return router
 
 
 class RMSNorm(nn.Module):
@@ -158,7 +170,7 @@ class MoETransformer(nn.Module):
         if expert_d_ff % granularity:
             raise ValueError(
                 f"`granularity` ({granularity}) must divide `expert_d_ff` ({expert_d_ff}); valid values: "
-                f"{[g for g in range(1, expert_d_ff + 1) if expert_d_ff % g == 0]}."
+                f"{divisors(expert_d_ff)}."
             )
         if shared_expert_gate and not num_shared_experts:
             raise ValueError("`shared_expert_gate=True` needs `num_shared_experts` >= 1.")
@@ -175,12 +187,7 @@ class MoETransformer(nn.Module):
         def ffn(i: int) -> nn.Module:
             if not moe_every or i < first_dense_layers or (i - first_dense_layers) % moe_every != moe_every - 1:
                 return SwiGLU(d_model, d_ff)
-            with warnings.catch_warnings():
-                if granularity > 1:  # top_k=1 is not final here: it is multiplied by the granularity next
-                    warnings.filterwarnings("ignore", message=r".*\(top_k=1, renormalize=True\)")
-                layer_router = router(d_model, fine_experts)
-            if granularity > 1:
-                layer_router.scale_experts_per_token(granularity)
+            layer_router = build_router(router, d_model, fine_experts, granularity)
             return MoELayer(d_model, fine_d_ff, fine_experts, layer_router, balancers, dispatcher, capacity,
                             shared_d_ff=num_shared_experts * fine_d_ff, shared_gate=shared_expert_gate)
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float
+from lightning_moe._validate import check_int_range, check_non_negative, check_positive_float, divisors
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import LinearScorer, ScorerFactory, build_scorer
 
@@ -191,7 +191,7 @@ class GroupLimitedTopKRouter(TopKRouter):
         if num_experts % num_groups:
             raise ValueError(
                 f"`num_groups` ({num_groups}) must divide `num_experts` ({num_experts}) into equal groups; "
-                f"valid values: {[g for g in range(1, num_experts + 1) if num_experts % g == 0]}."
+                f"valid values: {divisors(num_experts)}."
             )
         self.topk_groups = check_int_range("topk_groups", topk_groups, 1, num_groups)
         group_size = num_experts // num_groups
