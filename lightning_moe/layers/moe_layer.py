@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_non_negative_int, check_positive_int
+from lightning_moe._validate import check_non_negative_int, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.dispatch.backends import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.parallel.expert_parallel import expert_parallel_dispatch, slice_expert_state_dict
+from lightning_moe.parallel.groups import ExpertParallelGroups
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
@@ -66,6 +68,15 @@ class MoELayer(nn.Module):
             (:class:`~lightning_moe.experts.SwiGLUExperts`) by default. Any module with the
             dispatchers' ``Experts`` protocol (``expert_forward``, ``grouped_forward``) works;
             ``grouped`` and ``triton`` have their fused paths for SwiGLU experts only.
+        expert_parallel_size: ranks the experts are split over (P), >= 1, dividing
+            ``num_experts``. With P > 1 the layer is built whole (the same weights as with P = 1
+            for the same seed) and keeps only its ``E / P`` experts once
+            :func:`~lightning_moe.parallel.setup_expert_parallel` runs on every rank
+            (``MoELanguageModel.setup`` calls it); tokens then reach their experts by all-to-all,
+            dropless, and ``dispatcher`` runs the local experts. Until then it computes locally.
+
+    Under expert parallelism ``exchange`` holds, after each forward, the rows sent to and received
+    from each rank of the group (``sent_rows``, ``received_rows``).
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class MoELayer(nn.Module):
         shared_d_ff: int = 0,
         shared_gate: bool = False,
         experts: ExpertsFactory = SwiGLUExperts,
+        expert_parallel_size: int = 1,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -102,8 +114,23 @@ class MoELayer(nn.Module):
         self.capacity = capacity
         self.dispatcher = dispatcher
         self._dispatch = get_dispatcher(dispatcher)
+        self.expert_parallel_size = check_positive_int("expert_parallel_size", expert_parallel_size)
+        if num_experts % expert_parallel_size:
+            raise ValueError(
+                f"`expert_parallel_size`={expert_parallel_size} must divide `num_experts`={num_experts}; valid values "
+                f"are {divisors(num_experts)}."
+            )
+        self._expert_parallel: ExpertParallelGroups | None = None
+        self.exchange: dict[str, list[int]] = {}
+        self.register_load_state_dict_pre_hook(slice_expert_state_dict)
         self.aux_losses: dict[str, Tensor] = {}
         self.stats: RoutingStats | None = None
+
+    @property
+    def expert_parallel(self) -> ExpertParallelGroups | None:
+        """The expert-parallel groups this layer's experts are sharded over, or ``None`` while it
+        holds all E experts."""
+        return self._expert_parallel
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x`` of shape ``(..., D)`` -> same shape. ``token_ids`` (shape ``x.shape[:-1]``), when
@@ -114,7 +141,11 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.d_model)
         routing = route(self.router, x, self.capacity, self.training, token_ids)
-        y_TD = self._dispatch(x_TD, routing, self.experts)
+        if self._expert_parallel is None:
+            y_TD = self._dispatch(x_TD, routing, self.experts)
+        else:
+            y_TD = expert_parallel_dispatch(x_TD, routing, self.experts, self._expert_parallel, self._dispatch,
+                                            self.exchange)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
@@ -126,4 +157,5 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dispatcher={self.dispatcher!r}, balancers={self.balancers}, capacity={self.capacity}, "
-                f"shared_d_ff={self.shared_d_ff}, shared_gate={self.shared_expert_gate is not None}")
+                f"shared_d_ff={self.shared_d_ff}, shared_gate={self.shared_expert_gate is not None}"
+                + (f", expert_parallel_size={self.expert_parallel_size}" if self.expert_parallel_size > 1 else ""))

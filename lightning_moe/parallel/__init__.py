@@ -1,0 +1,21 @@
+"""Expert parallelism and DeepSpeed: expert-parallel groups, the dropless all-to-all dispatch,
+expert-gradient reduction, resharding checkpoints, and a DeepSpeed strategy that also runs on CPU."""
+
+from lightning_moe.parallel.all_to_all import all_to_all
+from lightning_moe.parallel.expert_parallel import (
+    expert_parallel_dispatch,
+    expert_parallel_layers,
+    gather_expert_state_dict,
+    is_expert_parameter,
+    moe_param_groups,
+    reduce_expert_gradients,
+    setup_expert_parallel,
+    shard_experts,
+)
+from lightning_moe.parallel.groups import ExpertParallelGroups, check_expert_parallel_size, expert_parallel_groups
+
+__all__ = [
+    "ExpertParallelGroups", "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch",
+    "expert_parallel_groups", "expert_parallel_layers", "gather_expert_state_dict", "is_expert_parameter",
+    "moe_param_groups", "reduce_expert_gradients", "setup_expert_parallel", "shard_experts",
+]

@@ -1,0 +1,227 @@
+"""Expert parallelism: each layer's experts split over the ranks of an expert-parallel group, tokens
+exchanged by a dropless all-to-all with uneven split sizes.
+
+Legend: ``T`` tokens on this rank, ``D`` model width, ``E`` experts of the layer, ``P`` ranks of
+the expert-parallel group, ``L = E / P`` experts held by each rank, ``A`` assignments routed on
+this rank, ``R`` assignment rows received from the group.
+
+How one layer runs on one rank (:func:`expert_parallel_dispatch`):
+
+1. The router (replicated, like every non-expert weight) routes this rank's tokens to all E
+   experts; nothing about routing changes, so every router works unchanged.
+2. Assignments are sorted by expert, so the rows for rank ``j`` (experts ``jL .. jL+L-1``) are
+   consecutive; an all-to-all of the ``(P, L)`` count table tells each rank how many rows it gets
+   from whom, then the rows move by a second, variable-size all-to-all. Nothing is dropped.
+3. The local experts run on the received rows with the layer's own backend (``loop``,
+   ``grouped`` or ``triton``), ungated.
+4. The outputs travel back by the transposed all-to-all and are combined with the gates on the
+   rank the tokens came from, so gate gradients stay local.
+
+Expert parameters are marked as DeepSpeed marks its own: ``allreduce = False`` and
+``group_name = "ep_size_{P}"``, so DeepSpeed's engine and ZeRO reduce their gradients over the
+expert-data-parallel group only; under DDP, :func:`reduce_expert_gradients` does the same.
+Checkpoints always hold the whole (unsharded) expert tensors, see :func:`gather_expert_state_dict`,
+so they load at any expert-parallel size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_moe.parallel.all_to_all import all_to_all, all_to_all_counts
+from lightning_moe.parallel.groups import ExpertParallelGroups, expert_parallel_groups
+from lightning_moe.routing.routing import Routing
+
+if TYPE_CHECKING:
+    from lightning_moe.dispatch.backends import Dispatcher, Experts
+    from lightning_moe.layers.moe_layer import MoELayer
+
+
+def expert_parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts, groups: ExpertParallelGroups,
+                             local_dispatch: Dispatcher, exchange: dict[str, Any] | None = None) -> Tensor:
+    """``y_t = sum_a weight_a * expert_{e_a}(x_t)`` with the experts split over ``groups.group``.
+
+    ``experts`` holds this rank's ``L = E / P`` experts (global experts ``rank*L .. rank*L+L-1``);
+    ``routing`` uses global expert indices. ``local_dispatch`` runs the local experts. When
+    ``exchange`` is a dict it receives ``sent_rows`` and ``received_rows`` (per rank of the group,
+    this rank included), for statistics and the benchmark.
+    """
+    size, local = groups.size, experts.num_experts
+    num_experts = routing.num_experts
+    if num_experts != size * local:
+        raise ValueError(f"The routing has {num_experts} experts but {size} ranks hold {local} each.")
+    order_A = torch.argsort(routing.expert_A, stable=True)
+    token_A = routing.token_A[order_A]
+    send_PL = routing.tokens_per_expert().view(size, local)
+    recv_PL = all_to_all_counts(send_PL, groups.group)  # row j: rows rank j sends to each local expert
+    sends, recvs = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # the one host sync: split sizes
+    if exchange is not None:
+        exchange.update(sent_rows=sends, received_rows=recvs)
+    x_RD = all_to_all(x_TD.index_select(0, token_A), recvs, sends, groups.group)
+    # Received rows come grouped by source rank, each group sorted by local expert.
+    local_R = torch.repeat_interleave(torch.arange(local, device=x_TD.device).repeat(size),
+                                      recv_PL.flatten().to(x_TD.device))
+    rows_R = torch.arange(x_RD.shape[0], device=x_TD.device)
+    local_routing = Routing(
+        scores_TE=x_RD.new_zeros(1, local).expand(x_RD.shape[0], local),  # unread by dispatch
+        logits_TE=x_RD.new_zeros(1, local).expand(x_RD.shape[0], local),
+        token_A=rows_R, expert_A=local_R, weight_A=torch.ones(x_RD.shape[0], device=x_TD.device),
+    )
+    local_routing._tokens_per_expert_E = recv_PL.sum(0)
+    out_RD = local_dispatch(x_RD, local_routing, experts)
+    back_AD = all_to_all(out_RD, sends, recvs, groups.group)
+    weighted_AD = back_AD * routing.weight_A[order_A].unsqueeze(1).to(back_AD.dtype)
+    return torch.zeros_like(x_TD).index_add(0, token_A, weighted_AD)
+
+
+def expert_parameters(layer: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the layer's routed-expert weights (first dimension indexes experts),
+    names relative to ``layer.experts``."""
+    local = layer.experts.num_experts
+    for name, param in layer.experts.named_parameters():
+        if param.dim() >= 1 and param.shape[0] == local:
+            yield name, param
+
+
+def shard_experts(layer: MoELayer, groups: ExpertParallelGroups) -> None:
+    """Keep only this rank's ``E / P`` experts of ``layer`` (a slice of its whole expert tensors)
+    and mark them for expert-data-parallel gradient reduction. Called once, before the optimizer
+    is built; a second call with the same groups does nothing."""
+    current = layer.expert_parallel
+    if current is not None:
+        if current.size != groups.size or current.rank != groups.rank:
+            raise RuntimeError(f"This layer is already sharded for expert_parallel_size={current.size}, rank "
+                               f"{current.rank}.")
+        return
+    local = layer.num_experts // groups.size
+    start = groups.rank * local
+    for name, param in list(expert_parameters(layer)):
+        owner_name, _, attr = name.rpartition(".")
+        owner = layer.experts.get_submodule(owner_name) if owner_name else layer.experts
+        shard = nn.Parameter(param.detach()[start:start + local].clone(), requires_grad=param.requires_grad)
+        setattr(owner, attr, shard)
+    layer.experts.num_experts = local
+    layer._expert_parallel = groups
+    mark_expert_parameters(layer)
+
+
+def mark_expert_parameters(layer: MoELayer) -> None:
+    """Give the layer's expert parameters DeepSpeed's MoE markings: ``allreduce = False`` (reduce
+    over the expert-data-parallel group, not the world) and ``group_name`` (which group)."""
+    groups = layer.expert_parallel
+    for _, param in expert_parameters(layer):
+        param.allreduce = False
+        param.group_name = groups.name
+
+
+def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+    """``(name, layer)`` for every :class:`~lightning_moe.layers.MoELayer` of ``model`` with
+    ``expert_parallel_size > 1``."""
+    from lightning_moe.layers.moe_layer import MoELayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and module.expert_parallel_size > 1:
+            yield name, module
+
+
+def setup_expert_parallel(model: nn.Module) -> list[str]:
+    """Create the expert-parallel groups and shard every expert-parallel layer of ``model``.
+
+    Collective: every rank calls it, after ``torch.distributed`` (or DeepSpeed) is initialised
+    and before the optimizer is built; ``MoELanguageModel.setup`` does. Raises ``ValueError``
+    if an ``expert_parallel_size`` does not divide the number of processes. Returns the names of
+    the expert parameters (relative to ``model``), which DDP must not reduce.
+    """
+    names = []
+    for name, layer in expert_parallel_layers(model):
+        shard_experts(layer, expert_parallel_groups(layer.expert_parallel_size))
+        prefix = f"{name}.experts." if name else "experts."
+        names += [prefix + param_name for param_name, _ in expert_parameters(layer)]
+    return names
+
+
+def is_expert_parameter(param: Tensor) -> bool:
+    """Whether ``param`` carries the expert-parallel marking (DeepSpeed's ``is_moe_param``)."""
+    return getattr(param, "allreduce", True) is False
+
+
+@torch.no_grad()
+def reduce_expert_gradients(model: nn.Module) -> None:
+    """Average the expert gradients of ``model`` as DDP averages the others, for strategies that
+    do not know about expert parallelism (DDP): sum over the expert-data-parallel group, divide
+    by the world size. Each rank's expert gradient already sums the contributions of every
+    token its experts processed, from all ranks of its expert-parallel group, so the result
+    equals the gradient of the mean loss over the whole global batch. DeepSpeed reduces these
+    itself (it reads the markings); do not call this under DeepSpeed."""
+    for _, layer in expert_parallel_layers(model):
+        groups = layer.expert_parallel
+        if groups is None:
+            continue
+        grads = [p.grad for _, p in expert_parameters(layer) if p.grad is not None]
+        if not grads:
+            continue
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=groups.data_group)
+        flat.div_(groups.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def moe_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], **group_options: Any) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with the expert-parallel parameters apart, one group per
+    expert-parallel size, marked ``moe=True`` and ``name="ep_size_{P}"`` as DeepSpeed's ZeRO
+    requires (``split_params_into_different_moe_groups_for_optimizer``). Plain torch optimizers
+    ignore the extra keys. ``group_options`` (``lr``, ``weight_decay``, ...) go into every group."""
+    dense, moe = [], {}
+    for _, param in named_params:
+        if not param.requires_grad:
+            continue
+        if is_expert_parameter(param):
+            moe.setdefault(param.group_name, []).append(param)
+        else:
+            dense.append(param)
+    groups = [{"params": dense, **group_options}] if dense else []
+    groups += [{"params": params, "moe": True, "name": name, **group_options} for name, params in moe.items()]
+    return groups
+
+
+@torch.no_grad()
+def gather_expert_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """Replace the expert shards in ``state_dict`` (of ``model``, keys under ``prefix``) by the whole
+    tensors, gathered over each layer's expert-parallel group, so the checkpoint loads at any
+    expert-parallel size. Collective: every rank calls it (``MoELanguageModel.on_save_checkpoint``
+    does). Changes and returns ``state_dict``."""
+    for name, layer in expert_parallel_layers(model):
+        groups = layer.expert_parallel
+        if groups is None:
+            continue
+        for param_name, param in expert_parameters(layer):
+            key = f"{prefix}{name}.experts.{param_name}"
+            if key not in state_dict:
+                continue
+            pieces = [torch.empty_like(param) for _ in range(groups.size)]
+            dist.all_gather(pieces, param.detach().contiguous(), group=groups.group)
+            state_dict[key] = torch.cat(pieces).to(state_dict[key].device)
+    return state_dict
+
+
+def slice_expert_state_dict(layer: MoELayer, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-time half of resharding: where ``state_dict`` holds whole expert tensors (E rows) for a
+    sharded layer, keep this rank's rows. Registered as the layer's load-state-dict pre-hook."""
+    groups = layer.expert_parallel
+    if groups is None:
+        return
+    local = layer.num_experts // groups.size
+    start = groups.rank * local
+    for param_name, _ in expert_parameters(layer):
+        key = f"{prefix}experts.{param_name}"
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
+            state_dict[key] = value[start:start + local]
