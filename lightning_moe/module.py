@@ -16,6 +16,14 @@ from lightning_moe._validate import check_non_negative
 from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
 from lightning_moe.models.transformer import MoETransformer, RouterFactory
 from lightning_moe.optim import WarmupCosineLR
+from lightning_moe.parallel import (
+    check_expert_parallel_size,
+    expert_parallel_layers,
+    gather_expert_state_dict,
+    moe_param_groups,
+    reduce_expert_gradients,
+    setup_expert_parallel,
+)
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.topk import TopKRouter
 
@@ -93,6 +101,14 @@ class MoELanguageModel(L.LightningModule):
         upcycle_noise: relative noise added to every upcycled expert weight, >= 0 (0 keeps the
             dense model's function exactly for copies with renormalised top-k gates).
         upcycle_seed: seed of that noise.
+        expert_parallel_size: ranks each MoE layer's experts are split over (P), >= 1; it must
+            divide ``num_experts * granularity`` (checked here) and the number of processes
+            (checked in :meth:`setup`, before training). The model is built whole; ``setup``
+            keeps each rank's ``E / P`` experts (:func:`~lightning_moe.parallel.setup_expert_parallel`).
+            Tokens reach their experts by a dropless all-to-all; under DDP the expert gradients
+            are averaged over the ranks holding the same experts, under DeepSpeed its engine does
+            it (use :class:`~lightning_moe.parallel.MoEDeepSpeedStrategy`). Checkpoints hold whole
+            expert tensors and load at any expert-parallel size.
     """
 
     def __init__(
@@ -119,6 +135,7 @@ class MoELanguageModel(L.LightningModule):
         upcycle_from: str | None = None,
         upcycle_noise: float = 0.0,
         upcycle_seed: int = 0,
+        expert_parallel_size: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,8 +149,9 @@ class MoELanguageModel(L.LightningModule):
         self.model = MoETransformer(
             vocab_size, max_seq_len, d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every,
             router, balancers, dispatcher, capacity, granularity, num_shared_experts, shared_expert_gate,
-            first_dense_layers,
+            first_dense_layers, expert_parallel_size,
         )
+        self.expert_parallel_size = expert_parallel_size
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.upcycle_from = upcycle_from
@@ -162,6 +180,24 @@ class MoELanguageModel(L.LightningModule):
         upcycle_state_dict(self.model, state, method, self.upcycle_noise, self.upcycle_seed, prefix="model.")
         self._upcycled = True
         rank_zero_info(f"Upcycled from {dense_checkpoint} ({method}, noise {self.upcycle_noise}).")
+
+    def setup(self, stage: str) -> None:
+        """Expert parallelism: check the process count, create the groups and shard the experts,
+        on every rank, before the strategy wraps the model (DDP then leaves the expert parameters
+        to :meth:`on_before_optimizer_step`)."""
+        if self.expert_parallel_size > 1:
+            check_expert_parallel_size(self.expert_parallel_size, self.trainer.world_size)
+            self._ddp_params_and_buffers_to_ignore = setup_expert_parallel(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # DeepSpeed reduces the expert gradients itself; DDP was told to leave them alone.
+        if any(layer.expert_parallel is not None and layer.expert_parallel.backend == "torch"
+               for _, layer in expert_parallel_layers(self)):
+            reduce_expert_gradients(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Whole expert tensors (gathered from the expert-parallel group): loadable at any size.
+        gather_expert_state_dict(self, checkpoint["state_dict"])
 
     def on_fit_start(self) -> None:
         # After Lightning restored a `ckpt_path`: resuming an upcycled run continues it.
@@ -198,7 +234,11 @@ class MoELanguageModel(L.LightningModule):
         return nll_BS.mean(dim=1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
+        params = self.parameters()
+        if any(True for _ in expert_parallel_layers(self)):
+            # DeepSpeed's ZeRO needs the expert parameters in their own groups; torch ignores the marks.
+            params = moe_param_groups(self.named_parameters())
+        optimizer = self.optimizer(params)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

@@ -136,6 +136,9 @@ class MoETransformer(nn.Module):
             ``expert_d_ff / granularity``.
         shared_expert_gate: gate the shared experts' output with a per-token sigmoid.
         first_dense_layers: leading dense layers, in [0, n_layers].
+        expert_parallel_size: ranks each MoE layer's experts are split over (P), >= 1, dividing
+            ``num_experts * granularity``; see :class:`~lightning_moe.layers.MoELayer`. The model
+            is built whole and sharded by :func:`~lightning_moe.parallel.setup_expert_parallel`.
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class MoETransformer(nn.Module):
         num_shared_experts: int = 0,
         shared_expert_gate: bool = False,
         first_dense_layers: int = 0,
+        expert_parallel_size: int = 1,
     ) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("d_model", d_model),
@@ -189,7 +193,8 @@ class MoETransformer(nn.Module):
                 return SwiGLU(d_model, d_ff)
             layer_router = build_router(router, d_model, fine_experts, granularity)
             return MoELayer(d_model, fine_d_ff, fine_experts, layer_router, balancers, dispatcher, capacity,
-                            shared_d_ff=num_shared_experts * fine_d_ff, shared_gate=shared_expert_gate)
+                            shared_d_ff=num_shared_experts * fine_d_ff, shared_gate=shared_expert_gate,
+                            expert_parallel_size=expert_parallel_size)
 
         self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))
         self.norm = RMSNorm(d_model)
@@ -222,11 +227,15 @@ class MoETransformer(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters and ``active`` ones (used per token: on average
         ``router.experts_per_token`` of E routed experts per MoE layer; shared experts, routers,
-        attention, norms and the tied embedding always), and ``expert`` (all routed experts)."""
+        attention, norms and the tied embedding always), and ``expert`` (all routed experts).
+        Counts the whole model also when expert parallelism has left each rank a shard."""
         total = sum(p.numel() for p in self.parameters())
         inactive = expert = 0
         for layer in self.moe_layers():
             expert_params = sum(p.numel() for p in layer.experts.parameters())
+            if layer.expert_parallel is not None:  # this rank holds 1/P of them
+                total += expert_params * (layer.expert_parallel.size - 1)
+                expert_params *= layer.expert_parallel.size
             share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
             inactive += round(expert_params * share)
             expert += expert_params

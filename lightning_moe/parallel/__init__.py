@@ -1,5 +1,11 @@
 """Expert parallelism and DeepSpeed: expert-parallel groups, the dropless all-to-all dispatch,
-expert-gradient reduction, resharding checkpoints, and a DeepSpeed strategy that also runs on CPU."""
+expert-gradient reduction, resharding checkpoints, and a DeepSpeed strategy that also runs on CPU.
+
+The strategy (``MoEDeepSpeedStrategy``, ``load_full_state_dict``) loads Lightning on first use, so
+the plain-PyTorch parts import without it.
+"""
+
+from typing import Any
 
 from lightning_moe.parallel.all_to_all import all_to_all
 from lightning_moe.parallel.expert_parallel import (
@@ -15,7 +21,15 @@ from lightning_moe.parallel.expert_parallel import (
 from lightning_moe.parallel.groups import ExpertParallelGroups, check_expert_parallel_size, expert_parallel_groups
 
 __all__ = [
-    "ExpertParallelGroups", "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch",
+    "ExpertParallelGroups", "MoEDeepSpeedStrategy", "load_full_state_dict", "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch",
     "expert_parallel_groups", "expert_parallel_layers", "gather_expert_state_dict", "is_expert_parameter",
     "moe_param_groups", "reduce_expert_gradients", "setup_expert_parallel", "shard_experts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("MoEDeepSpeedStrategy", "load_full_state_dict"):
+        from lightning_moe.parallel import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module 'lightning_moe.parallel' has no attribute {name!r}")

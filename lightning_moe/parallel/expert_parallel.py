@@ -108,6 +108,10 @@ def shard_experts(layer: MoELayer, groups: ExpertParallelGroups) -> None:
     layer.experts.num_experts = local
     layer._expert_parallel = groups
     mark_expert_parameters(layer)
+    if groups.backend == "deepspeed":
+        from lightning_moe.parallel.ds_marker import DeepSpeedExpertMarker
+
+        layer.deepspeed_marker = DeepSpeedExpertMarker(layer.num_experts, groups.size)
 
 
 def mark_expert_parameters(layer: MoELayer) -> None:
@@ -133,7 +137,9 @@ def setup_expert_parallel(model: nn.Module) -> list[str]:
     """Create the expert-parallel groups and shard every expert-parallel layer of ``model``.
 
     Collective: every rank calls it, after ``torch.distributed`` (or DeepSpeed) is initialised
-    and before the optimizer is built; ``MoELanguageModel.setup`` does. Raises ``ValueError``
+    and before the optimizer is built; ``MoELanguageModel.setup`` does. Plain DeepSpeed users
+    call it after ``deepspeed.init_distributed()`` and before ``deepspeed.initialize(model=model,
+    model_parameters=moe_param_groups(model.named_parameters()), ...)``. Raises ``ValueError``
     if an ``expert_parallel_size`` does not divide the number of processes. Returns the names of
     the expert parameters (relative to ``model``), which DDP must not reduce.
     """

@@ -32,6 +32,9 @@ class ExpertParallelGroups:
         data_group: the expert-data-parallel group (expert gradient reduction), ``W / P`` ranks.
         name: DeepSpeed's name for the groups and for parameters reduced over them,
             ``ep_size_{P}``.
+        backend: ``"deepspeed"`` when the groups are DeepSpeed's (its engine then reduces expert
+            gradients), ``"torch"`` otherwise (:func:`~lightning_moe.parallel.reduce_expert_gradients`
+            does).
     """
 
     size: int
@@ -40,6 +43,7 @@ class ExpertParallelGroups:
     group: object
     data_group: object
     name: str
+    backend: str = "torch"
 
 
 def group_name(size: int) -> str:
@@ -97,7 +101,7 @@ def expert_parallel_groups(size: int) -> ExpertParallelGroups:
             groups._create_expert_and_data_parallel(size)
         return ExpertParallelGroups(size, groups._get_expert_parallel_rank(name), world,
                                     groups._get_expert_parallel_group(name),
-                                    groups._get_expert_data_parallel_group(name), name)
+                                    groups._get_expert_data_parallel_group(name), name, "deepspeed")
     key = (size, world)
     if key not in _TORCH_GROUPS:
         ep_group = data_group = None
