@@ -15,8 +15,8 @@ the same global batch, each rank its slice of ``T`` tokens:
   group, which at W = P is the rank itself).
 
 The model is ``--layers`` residual blocks ``x + MoELayer(RMSNorm(x))`` (``TopKRouter`` top-K, SwiGLU experts)
-and a linear head, trained on random inputs and targets with an MSE loss and AdamW. ``MoETransformer`` does
-not take ``expert_parallel_size`` yet, hence the small stack. A step is forward, backward, the gradient
+and a linear head, trained on random inputs and targets with an MSE loss and AdamW: MoE layers only, since
+attention and embeddings would add the same work to both models and only dilute the ratio. A step is forward, backward, the gradient
 reduction and ``optimizer.step()``; both ranks start each step together (barrier) and a step's time is the
 slower rank's. Rounds alternate the order (EP=1 first, then EP=P first, ...); median and min of each and the
 ratio EP=P / EP=1 are printed. Before timing, the two models' outputs are compared; after it, their losses
@@ -37,11 +37,14 @@ on the same remote rank goes there (and comes back) once per such expert: that i
 P=2 and even routing a token has both experts on the other rank with probability C(4,2)/C(8,2) = 3/14, so
 the expected ratio is 1 / (1 - 3/14) = 1.27.
 
-On one machine with W processes over gloo, the all-to-alls are memory copies through sockets: pure
-overhead, so EP=P is expected to be slower than EP=1 here. EP's purpose is memory per device (the expert
-parameters, gradients and optimizer state per rank shrink P times, printed below) and scaling across
-devices. With ``--device cuda`` each rank takes one GPU (NCCL); one GPU cannot hold two ranks' experts
-apart, so with fewer GPUs than processes the script says so and exits.
+On one machine with W processes over gloo the all-to-alls buy nothing: they are copies through local
+sockets that EP=1 does not make. What EP=P saves even here is the gradient all-reduce of the expert weights
+(EP=1 averages all of them every step; EP=P, at W = P, none) and the optimizer update of the experts it no
+longer holds. The all-to-all grows with tokens per step, those savings with expert parameters, so which side
+wins on one machine depends on the shape; the output says which did. EP's purpose is memory per device (the
+expert parameters, gradients and optimizer state per rank shrink P times, printed below) and scaling across
+devices. With ``--device cuda`` each rank takes one GPU (NCCL); one GPU cannot hold two ranks' experts apart,
+so with fewer GPUs than processes the script says so and exits.
 
     python benchmarks/expert_parallel.py                              # 2 processes, gloo, the defaults
     python benchmarks/expert_parallel.py --top-k 4 --experts 16       # more same-rank duplicates
@@ -346,12 +349,13 @@ def report(args: argparse.Namespace, world: int, device: torch.device, result: d
     for r in per_rank:
         last = r["rows"][-1][0]
         print(f"- rank {r['rank']}: sent_rows {last['sent_rows']}, received_rows {last['received_rows']}")
-    print_notes(args, ep_name, per_rank)
+    print_notes(args, device, ep_name, per_rank, med, actual / world, result["memory"]["EP=1"]["expert"] / MB)
     if args.json:
         write_json(args, world, device, command, names, med, low, times, layers, result, count_bytes)
 
 
-def print_notes(args: argparse.Namespace, ep_name: str, per_rank: list[dict]) -> None:
+def print_notes(args: argparse.Namespace, device: torch.device, ep_name: str, per_rank: list[dict],
+                med: dict[str, float], a2a_mb: float, expert_mb: float) -> None:
     mismatched = sum(layer["remote_rows"] != layer["routing_remote_rows"]
                      for r in per_rank for step in r["rows"] for layer in step)
     if mismatched:
@@ -361,9 +365,15 @@ def print_notes(args: argparse.Namespace, ep_name: str, per_rank: list[dict]) ->
           "token whose several experts sit on the same remote rank is sent there (and its outputs sent back) once "
           "per such expert; the minimum sends each token once per remote rank holding any of its experts and "
           "combines there. Rows for experts on the token's own rank cross no link.")
-    if args.device == "cpu":
-        print(f"- On one machine over gloo the all-to-alls are pure overhead: {ep_name} is expected to be slower "
-              "than EP=1 here. Expert parallelism buys memory per device (the expert columns above) and scaling "
+    if device.type == "cpu":
+        ratio = med[ep_name] / med["EP=1"]
+        verdict = "outweigh" if ratio < 1 else "do not outweigh"
+        print(f"- On one machine over gloo the all-to-alls buy nothing ({a2a_mb:.1f} MB per rank per step of local "
+              f"copies that EP=1 does not make). What {ep_name} saves even here is the all-reduce of the expert "
+              f"gradients ({expert_mb:.1f} MB per rank per step under EP=1) and the optimizer update of the experts "
+              f"it no longer holds; at this shape the savings {verdict} the all-to-all ({ep_name}/EP=1 = "
+              f"{ratio:.2f}, medians). The all-to-all grows with tokens per step, the savings with expert "
+              "parameters. Expert parallelism is for memory per device (the expert columns above) and scaling "
               "across devices.")
     print(flush=True)
 

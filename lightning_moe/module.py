@@ -19,10 +19,12 @@ from lightning_moe.optim import WarmupCosineLR
 from lightning_moe.parallel import (
     check_expert_parallel_size,
     expert_parallel_layers,
+    gather_expert_optimizer_state,
     gather_expert_state_dict,
     moe_param_groups,
     reduce_expert_gradients,
     setup_expert_parallel,
+    slice_expert_optimizer_state,
 )
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.topk import TopKRouter
@@ -191,13 +193,25 @@ class MoELanguageModel(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # DeepSpeed reduces the expert gradients itself; DDP was told to leave them alone.
-        if any(layer.expert_parallel is not None and layer.expert_parallel.backend == "torch"
-               for _, layer in expert_parallel_layers(self)):
+        if self._torch_expert_parallel():
             reduce_expert_gradients(self)
+
+    def _torch_expert_parallel(self) -> bool:
+        """Sharded over torch groups (DDP): Lightning checkpoints the optimizer, not DeepSpeed."""
+        return any(layer.expert_parallel is not None and layer.expert_parallel.backend == "torch"
+                   for _, layer in expert_parallel_layers(self))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Whole expert tensors (gathered from the expert-parallel group): loadable at any size.
         gather_expert_state_dict(self, checkpoint["state_dict"])
+        if self._torch_expert_parallel():
+            for state in checkpoint.get("optimizer_states", []):
+                gather_expert_optimizer_state(self, state)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The weights are resliced by each MoELayer's load hook; the optimizer state here.
+        for state in checkpoint.get("optimizer_states", []):
+            slice_expert_optimizer_state(self, state)
 
     def on_fit_start(self) -> None:
         # After Lightning restored a `ckpt_path`: resuming an upcycled run continues it.
@@ -234,11 +248,9 @@ class MoELanguageModel(L.LightningModule):
         return nll_BS.mean(dim=1)
 
     def configure_optimizers(self) -> Any:
-        params = self.parameters()
-        if any(True for _ in expert_parallel_layers(self)):
-            # DeepSpeed's ZeRO needs the expert parameters in their own groups; torch ignores the marks.
-            params = moe_param_groups(self.named_parameters())
-        optimizer = self.optimizer(params)
+        # Routed experts in their own group(s): DeepSpeed's ZeRO needs that under expert parallelism, and
+        # the same groups at every expert-parallel size let optimizer state reshard with the weights.
+        optimizer = self.optimizer(moe_param_groups(self))
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

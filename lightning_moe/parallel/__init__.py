@@ -11,19 +11,22 @@ from lightning_moe.parallel.all_to_all import all_to_all
 from lightning_moe.parallel.expert_parallel import (
     expert_parallel_dispatch,
     expert_parallel_layers,
+    gather_expert_optimizer_state,
     gather_expert_state_dict,
     is_expert_parameter,
     moe_param_groups,
     reduce_expert_gradients,
     setup_expert_parallel,
     shard_experts,
+    slice_expert_optimizer_state,
 )
 from lightning_moe.parallel.groups import ExpertParallelGroups, check_expert_parallel_size, expert_parallel_groups
 
 __all__ = [
-    "ExpertParallelGroups", "MoEDeepSpeedStrategy", "load_full_state_dict", "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch",
-    "expert_parallel_groups", "expert_parallel_layers", "gather_expert_state_dict", "is_expert_parameter",
-    "moe_param_groups", "reduce_expert_gradients", "setup_expert_parallel", "shard_experts",
+    "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch", "expert_parallel_groups",
+    "expert_parallel_layers", "ExpertParallelGroups", "gather_expert_optimizer_state", "gather_expert_state_dict",
+    "is_expert_parameter", "load_full_state_dict", "moe_param_groups", "MoEDeepSpeedStrategy",
+    "reduce_expert_gradients", "setup_expert_parallel", "shard_experts", "slice_expert_optimizer_state",
 ]
 
 

@@ -26,7 +26,7 @@ so they load at any expert-parallel size.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_moe.parallel.all_to_all import all_to_all, all_to_all_counts
-from lightning_moe.parallel.groups import ExpertParallelGroups, expert_parallel_groups
+from lightning_moe.parallel.groups import ExpertParallelGroups, expert_parallel_groups, group_name
 from lightning_moe.routing.routing import Routing
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def setup_expert_parallel(model: nn.Module) -> list[str]:
     Collective: every rank calls it, after ``torch.distributed`` (or DeepSpeed) is initialised
     and before the optimizer is built; ``MoELanguageModel.setup`` does. Plain DeepSpeed users
     call it after ``deepspeed.init_distributed()`` and before ``deepspeed.initialize(model=model,
-    model_parameters=moe_param_groups(model.named_parameters()), ...)``. Raises ``ValueError``
+    model_parameters=moe_param_groups(model), ...)``. Raises ``ValueError``
     if an ``expert_parallel_size`` does not divide the number of processes. Returns the names of
     the expert parameters (relative to ``model``), which DDP must not reduce.
     """
@@ -180,22 +180,87 @@ def reduce_expert_gradients(model: nn.Module) -> None:
             offset += g.numel()
 
 
-def moe_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], **group_options: Any) -> list[dict[str, Any]]:
-    """Optimizer parameter groups with the expert-parallel parameters apart, one group per
-    expert-parallel size, marked ``moe=True`` and ``name="ep_size_{P}"`` as DeepSpeed's ZeRO
-    requires (``split_params_into_different_moe_groups_for_optimizer``). Plain torch optimizers
-    ignore the extra keys. ``group_options`` (``lr``, ``weight_decay``, ...) go into every group."""
-    dense, moe = [], {}
-    for _, param in named_params:
-        if not param.requires_grad:
-            continue
-        if is_expert_parameter(param):
-            moe.setdefault(param.group_name, []).append(param)
-        else:
-            dense.append(param)
+def moe_param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of ``model`` with the routed experts of its MoE layers apart.
+
+    The experts of expert-parallel layers form one group per expert-parallel size P, marked
+    ``moe=True`` and ``name="ep_size_{P}"`` as DeepSpeed's ZeRO requires
+    (``split_params_into_different_moe_groups_for_optimizer``); plain torch optimizers ignore the
+    extra keys. The experts of other MoE layers form a group named ``"experts"``. The groups,
+    and the order of parameters in them, are the same before and after sharding and at every
+    P, so optimizer state saved at one expert-parallel size loads at another
+    (:func:`gather_expert_optimizer_state`). ``group_options`` (``lr``, ``weight_decay``, ...)
+    go into every group."""
+    from lightning_moe.layers.moe_layer import MoELayer
+
+    experts: dict[int, list[nn.Parameter]] = {}
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            params = [p for _, p in expert_parameters(module) if p.requires_grad]
+            experts.setdefault(module.expert_parallel_size, []).extend(params)
+    taken = {id(p) for params in experts.values() for p in params}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     groups = [{"params": dense, **group_options}] if dense else []
-    groups += [{"params": params, "moe": True, "name": name, **group_options} for name, params in moe.items()]
+    for size, params in experts.items():
+        marks = {"moe": True, "name": group_name(size)} if size > 1 else {"name": "experts"}
+        groups.append({"params": params, **marks, **group_options})
     return groups
+
+
+def _expert_slots(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[int, tuple[MoELayer, int]]:
+    """``{optimizer state index: (layer, full first dimension)}`` for the expert parameters of the
+    expert-parallel layers, for an optimizer built from :func:`moe_param_groups`."""
+    layer_of = {}
+    for _, layer in expert_parallel_layers(model):
+        for _, param in expert_parameters(layer):
+            layer_of[id(param)] = layer
+    slots, index = {}, 0
+    for group in moe_param_groups(model):
+        for param in group["params"]:
+            if id(param) in layer_of:
+                slots[index] = layer_of[id(param)]
+            index += 1
+    return slots
+
+
+@torch.no_grad()
+def gather_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """In a torch optimizer's ``state_dict()`` (built from :func:`moe_param_groups`), replace each
+    sharded expert parameter's per-element state (Adam's moments, momentum buffers) by the whole
+    tensor gathered over its expert-parallel group. Collective. Changes and returns it."""
+    for index, layer in _expert_slots(model, optimizer_state).items():
+        groups = layer.expert_parallel
+        if groups is None or index not in optimizer_state["state"]:
+            continue
+        local = layer.num_experts // groups.size
+        for key, value in optimizer_state["state"][index].items():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == local:
+                pieces = [torch.empty_like(value) for _ in range(groups.size)]
+                dist.all_gather(pieces, value.contiguous(), group=groups.group)
+                optimizer_state["state"][index][key] = torch.cat(pieces)
+    return optimizer_state
+
+
+def slice_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """Load-time half: keep this rank's rows of whole expert state tensors, and give the saved
+    parameter groups this model's expert-parallel group names. Changes and returns it."""
+    for index, layer in _expert_slots(model, optimizer_state).items():
+        groups = layer.expert_parallel
+        if groups is None or index not in optimizer_state["state"]:
+            continue
+        local = layer.num_experts // groups.size
+        start = groups.rank * local
+        for key, value in optimizer_state["state"][index].items():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
+                optimizer_state["state"][index][key] = value[start:start + local]
+    current = moe_param_groups(model)
+    if len(current) == len(optimizer_state["param_groups"]):
+        for saved, group in zip(optimizer_state["param_groups"], current, strict=True):
+            for key in ("moe", "name"):
+                saved.pop(key, None)
+                if key in group:
+                    saved[key] = group[key]
+    return optimizer_state
 
 
 @torch.no_grad()

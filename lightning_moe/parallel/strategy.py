@@ -155,7 +155,7 @@ def check_moe_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -
             raise ValueError(
                 f"Optimizer parameter group {index} holds expert-parallel parameters but is not a DeepSpeed MoE group "
                 "(`moe=True`, `name='ep_size_<P>'`). Build the optimizer from "
-                "`lightning_moe.parallel.moe_param_groups(model.named_parameters())` in `configure_optimizers`."
+                "`lightning_moe.parallel.moe_param_groups(model)` in `configure_optimizers`."
             )
 
 

@@ -19,7 +19,7 @@ from lightning_moe.balancing import ZLoss
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.parallel import MoEDeepSpeedStrategy
 
-GLOBAL_BATCH, SEQ, STEPS, VOCAB = 8, 17, 4, 64
+GLOBAL_BATCH, SEQ, STEPS, MAX_STEPS, VOCAB = 8, 17, 4, 8, 64
 
 
 class Sequences(Dataset):
@@ -28,9 +28,9 @@ class Sequences(Dataset):
     distributed sampler would shuffle)."""
 
     def __init__(self, rank: int = 0, world: int = 1) -> None:
-        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH * STEPS, SEQ), generator=torch.Generator().manual_seed(3))
+        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH * MAX_STEPS, SEQ), generator=torch.Generator().manual_seed(3))
         per = GLOBAL_BATCH // world
-        self.ids = ids.view(STEPS, world, per, SEQ)[:, rank].reshape(-1, SEQ)
+        self.ids = ids.view(MAX_STEPS, world, per, SEQ)[:, rank].reshape(-1, SEQ)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +51,10 @@ def sgd(params):  # noqa: ANN001, ANN201 - scale-sensitive: a wrongly scaled exp
     return torch.optim.SGD(params, lr=0.5)
 
 
+def adam(params):  # noqa: ANN001, ANN201 - has per-element state, which must reshard with the weights
+    return torch.optim.AdamW(params, lr=0.01)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -58,13 +62,15 @@ def main() -> None:
     parser.add_argument("ep", type=int)
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--save")
     parser.add_argument("--load")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     model = MoELanguageModel(VOCAB, SEQ, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
-                             balancers=[ZLoss(0.01)], optimizer=sgd, expert_parallel_size=args.ep)
+                             balancers=[ZLoss(0.01)], optimizer=sgd if args.optimizer == "sgd" else adam,
+                             expert_parallel_size=args.ep)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.strategy == "single":
         strategy, batch = "auto", GLOBAL_BATCH
