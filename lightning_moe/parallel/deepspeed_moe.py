@@ -256,7 +256,7 @@ class DeepSpeedMoELayer(nn.Module):
 
     Differences from ``MoELayer``:
 
-    - Capacity always applies in training (DeepSpeed's rule, see :func:`deepspeed_capacity` and
+    - Capacity applies in training unless ``drop_tokens=False`` (DeepSpeed's rule, see :func:`deepspeed_capacity` and
       :func:`deepspeed_routes`); dropped assignments add nothing, so a token whose every route is
       dropped comes out as zeros (unchanged through the block's residual). Gates of kept routes are
       not renormalised (DeepSpeed's gates renormalise them).
@@ -271,10 +271,10 @@ class DeepSpeedMoELayer(nn.Module):
     ``deepspeed.init_distributed`` (or a DeepSpeed strategy) and let ``deepspeed.initialize`` build
     the engine, which calls ``moe.set_deepspeed_parallelism()`` (without an engine, call it
     yourself before the first forward). Local expert ``i`` on expert-parallel rank ``r`` is global
-    expert ``r * E / P + i``. With ZeRO, the optimizer's parameter groups must keep expert and
-    non-expert parameters apart: pass them through
-    ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`` (DeepSpeed refuses
-    to start otherwise). Expert gradients are then summed over the expert-data-parallel group and
+    expert ``r * E / P + i``. With ZeRO (stages 1 and 2: DeepSpeed refuses its MoE layer under
+    stage 3), the optimizer's parameter groups must keep expert and non-expert parameters apart:
+    pass them through ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer``
+    (DeepSpeed refuses to start otherwise). Expert gradients are then summed over the expert-data-parallel group and
     divided by the whole data-parallel size, so they average over the global batch as dense ones do.
 
     Args:
@@ -381,7 +381,7 @@ class DeepSpeedMoELayer(nn.Module):
         """This rank's ``E / P`` local experts (DeepSpeed's ``deepspeed_experts``)."""
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def capacity(self, num_tokens: int) -> int | None:
+    def capacity_for(self, num_tokens: int) -> int | None:
         """Slots per expert for ``num_tokens`` tokens in the current mode, ``None`` when dropless."""
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if not self.drop_tokens or factor is None:
@@ -398,7 +398,7 @@ class DeepSpeedMoELayer(nn.Module):
             raise ValueError(f"DeepSpeedMoELayer expects inputs whose last dimension is d_model={self.d_model}, got "
                              f"shape {tuple(x.shape)}.")
         routing = route(self.router, x, None, self.training, token_ids)
-        routes, kept = deepspeed_routes(routing, self.router.top_k, self.capacity(routing.num_tokens),
+        routes, kept = deepspeed_routes(routing, self.router.top_k, self.capacity_for(routing.num_tokens),
                                         self.drop_policy, self.gate.ep_group, source=type(self.router).__name__)
         self.aux_losses = {b.name: b.loss(kept) for b in self.balancers}
         l_aux = sum(self.aux_losses.values(), x.new_zeros((), dtype=torch.float32))

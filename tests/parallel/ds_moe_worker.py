@@ -104,23 +104,36 @@ def single(out: Path) -> None:
 
 
 def engine_step(out: Path) -> dict:
-    """One ZeRO-1 step in a DeepSpeed engine, then a checkpoint with DeepSpeed's per-expert files."""
-    layer = build({"top_k": 2}, capacity_factor=2.0, balancers=[SwitchAuxLoss(0.01)])
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(layer.parameters()), "name": "all"})
-    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    """One ZeRO-1 step in a DeepSpeed engine, a checkpoint with DeepSpeed's per-expert files, and
+    that checkpoint loaded into a second engine. The router has an ``expert_bias_E`` buffer: a key
+    with "expert" in it that must stay with the model, not with the experts."""
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 1}}
-    engine, *_ = deepspeed.initialize(model=layer, optimizer=optimizer, config=config)
+
+    def engine_of(layer: DeepSpeedMoELayer):  # noqa: ANN202
+        groups = split_params_into_different_moe_groups_for_optimizer({"params": list(layer.parameters()),
+                                                                         "name": "all"})
+        return deepspeed.initialize(model=layer, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config)[0]
+
+    layer = build({"top_k": 2, "expert_bias": True}, [0.01, 0.0, 0.0, -0.01], capacity_factor=2.0,
+                  balancers=[SwitchAuxLoss(0.01)])
+    engine = engine_of(layer)
     before = [p.detach().clone() for p in layer.experts[0].parameters()]
     y = engine(torch.randn(2, T, D, generator=torch.Generator().manual_seed(3)))
     engine.backward(y.square().mean() + sum(layer.aux_losses.values()))
     engine.step()
     engine.save_checkpoint(str(out / "ckpt"), tag="step1")
+
+    fresh = build({"top_k": 2, "expert_bias": True}, capacity_factor=2.0)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    engine_of(fresh).load_checkpoint(str(out / "ckpt"), tag="step1")
     return {
         "has_moe_layers": engine.has_moe_layers, "ep_group_set": layer.gate.ep_group is not None,
-        "num_param_groups": len(engine.optimizer.param_groups) if hasattr(engine.optimizer, "param_groups") else -1,
+        "moe_param_groups": [bool(g.get("moe")) for g in engine.optimizer.param_groups],
         "expert0_moved": any(not torch.equal(b, p) for b, p in zip(before, layer.experts[0].parameters(), strict=True)),
-        "expert_state": [{n: t.detach().clone() for n, t in e.state_dict().items()} for e in layer.experts],
-        "router_state": {n: t.detach().clone() for n, t in layer.router.state_dict().items()},
+        "state": {n: t.detach().clone() for n, t in layer.state_dict().items()},
+        "loaded_state": {n: t.detach().clone() for n, t in fresh.state_dict().items()},
         "files": sorted(str(p.relative_to(out / "ckpt")) for p in (out / "ckpt").rglob("*.pt")),
     }
 
@@ -159,7 +172,7 @@ def engine_gradients(half: tuple, rank: int, world: int, weights: list[dict]) ->
     engine, *_ = deepspeed.initialize(model=layer, optimizer=torch.optim.SGD(groups, lr=0.0), config=config)
     x, dy = half
     engine.backward((engine(x) * dy).sum())
-    return {"router_grads": {n: p.grad.clone() for n, p in layer.router.named_parameters()},
+    return {"router": layer.router, "router_grads": {n: p.grad.clone() for n, p in layer.router.named_parameters()},
             "expert_grads": [{n: p.grad.clone() for n, p in e.named_parameters()} for e in layer.experts]}
 
 

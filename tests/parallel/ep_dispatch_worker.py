@@ -39,7 +39,7 @@ def case(name: str, num_experts: int, ep_size: int, router, dispatcher: str, ran
     y = layer(x)
     (y * w_full[rank * T:(rank + 1) * T]).sum().div(world).backward()  # the global objective's share
     for n, p in layer.named_parameters():
-        if f"{n}" not in {k.removeprefix("") for k in names} and p.grad is not None:
+        if n not in names and p.grad is not None:
             dist.all_reduce(p.grad)  # DDP: sum of each rank's share = the global gradient
     reduce_expert_gradients(layer)
     for _, p in layer.named_parameters():  # reduce_expert_gradients divides by world, DDP-style
@@ -54,8 +54,9 @@ def case(name: str, num_experts: int, ep_size: int, router, dispatcher: str, ran
 
     local = num_experts // ep_size
     ep_rank = rank % ep_size
-    out = {"name": name, "y": torch.cat(ys), "ref_y": ref_y.detach(), "dx": x.grad, "ref_dx": xr.grad[rank * T:(rank + 1) * T],
-           "exchange": layer.exchange, "expert_names": names, "grads": {}, "ref_grads": {}}
+    out = {"name": name, "y": torch.cat(ys), "ref_y": ref_y.detach(), "dx": x.grad,
+           "ref_dx": xr.grad[rank * T:(rank + 1) * T], "exchange": layer.exchange, "expert_names": names,
+           "grads": {}, "ref_grads": {}}
     ref_params = dict(reference.named_parameters())
     for n, p in layer.named_parameters():
         ref = ref_params[n].grad
@@ -75,7 +76,8 @@ def main() -> None:
     results = [
         case("topk-grouped", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2), "grouped", rank, world),
         case("topk-loop", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2), "loop", rank, world),
-        case("expert-choice", 4, ep, lambda d, e: ExpertChoiceRouter(d, e, capacity_factor=2.0), "grouped", rank, world),
+        case("expert-choice", 4, ep, lambda d, e: ExpertChoiceRouter(d, e, capacity_factor=2.0), "grouped", rank,
+             world),
         # Every token to experts 0 and 1, both on the first rank: the second receives nothing.
         case("one-sided", 4, ep, lambda d, e: TopKRouter(d, e, top_k=2, expert_bias=True), "grouped", rank, world,
              bias=[100.0, 100.0, 0.0, 0.0]),
@@ -83,6 +85,7 @@ def main() -> None:
     if world % 4 == 0:
         results.append(case("topk-ep4", 8, 4, lambda d, e: TopKRouter(d, e, top_k=3), "grouped", rank, world))
     torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -95,6 +95,11 @@ def main() -> None:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "experts" in n}
     torch.save({"losses": losses.losses, "logits": logits, "expert_shapes": shapes, "world_size": world},
                Path(args.out) / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():
+        # Leaving gloo's threads to interpreter shutdown sometimes aborts ("terminate called without an
+        # active exception") after the work is done.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Expert parallelism through Lightning: DDP and DeepSpeed (ZeRO-1/2, CPU, gloo) fits with EP=2 on two
+processes match one process with EP=1, and checkpoints reshard between EP sizes both ways.
+
+Each run is ``ep_fit_worker.py``: a tiny MoELanguageModel, 4 steps of plain SGD on the same global
+batches (SGD is scale-sensitive: an expert gradient averaged over the wrong group, or scaled by
+the expert-parallel size, changes the losses from the second step). DeepSpeed's CPU
+shared-memory op is not built (``cpu_shm_comm=False``), so no run waits for g++.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_moe.module import MoELanguageModel
+
+WORKER = Path(__file__).with_name("ep_fit_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit(out: Path, strategy: str, ep: int, *args: str, processes: int = 1) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if processes > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port())]
+    else:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        cmd = [sys.executable]
+    result = subprocess.run([*cmd, str(WORKER), str(out), strategy, str(ep), *args], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+
+
+def mean_losses(ranks: list[dict]) -> list[float]:
+    # Every rank's loss is the mean over its equal share of the global batch.
+    return [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(len(ranks[0]["losses"]))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ep_fit")
+
+
+@pytest.fixture(scope="module")
+def single(runs: Path) -> list[dict]:
+    return fit(runs / "single", "single", 1, "--save", str(runs / "single.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_ep2(runs: Path) -> list[dict]:
+    return fit(runs / "ddp", "ddp", 2, "--save", str(runs / "ddp_ep2.ckpt"), processes=2)
+
+
+# 4 SGD steps in float32 agree to ~3e-7; a wrong expert gradient moves the second loss by >1e-3.
+LOSS_TOL = 1e-5
+
+
+@pytest.mark.distributed
+def test_ddp_ep2_matches_one_process(single: list[dict], ddp_ep2: list[dict]) -> None:
+    assert mean_losses(ddp_ep2) == pytest.approx(single[0]["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
+    assert single[0]["losses"][-1] < single[0]["losses"][0]
+    for rank in ddp_ep2:
+        torch.testing.assert_close(rank["logits"], single[0]["logits"], rtol=0, atol=1e-5)
+        assert rank["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (2, 16, 8)  # 4 experts over 2
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_ep2_matches_one_process(runs: Path, single: list[dict], stage: int) -> None:
+    ranks = fit(runs / f"zero{stage}", "deepspeed", 2, "--stage", str(stage), "--save", str(runs / f"zero{stage}_ep2"),
+                processes=2)
+    assert mean_losses(ranks) == pytest.approx(single[0]["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
+    for rank in ranks:
+        torch.testing.assert_close(rank["logits"], single[0]["logits"], rtol=0, atol=1e-5)
+        assert rank["expert_shapes"]["model.blocks.1.ffn.experts.w_out_EFD"] == (2, 8, 16)
+
+
+@pytest.mark.distributed
+def test_an_ep2_checkpoint_loads_with_ep1(runs: Path, ddp_ep2: list[dict]) -> None:
+    # Lightning restores the EP=2 checkpoint into a one-process EP=1 model (the fit stops at once).
+    resumed = fit(runs / "ep2_to_ep1", "single", 1, "--load", str(runs / "ddp_ep2.ckpt"))
+    assert resumed[0]["losses"] == []
+    assert resumed[0]["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (4, 16, 8)
+    torch.testing.assert_close(resumed[0]["logits"], ddp_ep2[0]["logits"], rtol=0, atol=1e-6)
+    # Lightning's own loader, too: the file holds whole expert tensors.
+    model = MoELanguageModel.load_from_checkpoint(runs / "ddp_ep2.ckpt", map_location="cpu", weights_only=False,
+                                                  expert_parallel_size=1)
+    assert model.model.blocks[0].ffn.experts.w_gate_EDF.shape == (4, 16, 8)
+
+
+@pytest.mark.distributed
+def test_an_ep1_checkpoint_loads_with_ep2(runs: Path, single: list[dict]) -> None:
+    resumed = fit(runs / "ep1_to_ep2", "ddp", 2, "--load", str(runs / "single.ckpt"), processes=2)
+    for rank in resumed:
+        assert rank["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (2, 16, 8)
+        torch.testing.assert_close(rank["logits"], single[0]["logits"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_deepspeed_ep2_checkpoint_reshards_to_one_process(runs: Path) -> None:
+    written = next(p for p in (runs / "zero2_ep2", runs / "zero1_ep2") if p.is_dir())
+    stage = written.name[4]
+    saved = torch.load(runs / f"zero{stage}" / "rank0.pt", weights_only=False)
+    resumed = fit(runs / "ds_to_ep1", "deepspeed", 1, "--stage", stage, "--load", str(written))
+    assert resumed[0]["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (4, 16, 8)
+    torch.testing.assert_close(resumed[0]["logits"], saved["logits"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_adam_state_reshards_with_the_weights(runs: Path) -> None:
+    # Adam's moments are per expert row: resuming an EP=1 checkpoint with EP=2 must continue exactly as
+    # EP=1 does (each rank gets its rows of the moments; rank 1 must not get rank 0's).
+    fit(runs / "adam", "single", 1, "--optimizer", "adam", "--save", str(runs / "adam.ckpt"))
+    ckpt = str(runs / "adam.ckpt")
+    one = fit(runs / "adam_ep1", "single", 1, "--optimizer", "adam", "--load", ckpt, "--steps", "8")
+    two = fit(runs / "adam_ep2", "ddp", 2, "--optimizer", "adam", "--load", ckpt, "--steps", "8", processes=2)
+    assert len(one[0]["losses"]) == 4
+    assert mean_losses(two) == pytest.approx(one[0]["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
+
+
+def test_an_expert_parallel_size_that_does_not_divide_the_processes_stops_before_training(tmp_path: Path) -> None:
+    model = MoELanguageModel(64, 16, d_model=16, n_layers=1, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
+                             expert_parallel_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader([{"input_ids": torch.zeros(17, dtype=torch.long)}] * 4, batch_size=2)
+    with pytest.raises(ValueError, match=r"`expert_parallel_size`=2 must divide the number of processes \(1\)"):
+        trainer.fit(model, loader)
+    assert trainer.global_step == 0
