@@ -159,8 +159,44 @@ class LightningMoEView(MoELayerView):
 
     def expert_tensors(self) -> list[Tensor]:
         # Every experts module stores grouped weights whose dim 0 indexes experts (SwiGLU: w_gate,
-        # w_up, w_out; MLP experts also their biases).
+        # w_up, w_out; MLP experts also their biases). Under expert parallelism, during `revive`,
+        # the whole tensors gathered from the group.
+        whole = getattr(self, "_whole_experts", None)
+        if whole is not None:
+            return whole
         return [p for p in self.module.experts.parameters() if p.dim() >= 1 and p.shape[0] == self.num_experts]
+
+    @torch.no_grad()
+    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
+               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
+        groups = self.module.expert_parallel
+        if groups is None:
+            return super().revive(dead, sources, noise, generator)
+        # Expert parallelism: a dead expert and its source may sit on different ranks. Every rank of the
+        # group gathers the whole tensors, revives them identically (same loads, same seeded noise) and
+        # keeps its own rows.
+        import torch.distributed as dist
+
+        from lightning_moe.parallel.expert_parallel import expert_parameters
+
+        shards = [p for _, p in expert_parameters(self.module)]
+        whole = []
+        for shard in shards:
+            pieces = [torch.empty_like(shard) for _ in range(groups.size)]
+            dist.all_gather(pieces, shard.detach().contiguous(), group=groups.group)
+            whole.append(torch.cat(pieces))
+        self._whole_experts = whole
+        try:
+            changed = super().revive(dead, sources, noise, generator)
+        finally:
+            self._whole_experts = None
+        local = shards[0].shape[0]
+        start = groups.rank * local
+        for shard, tensor in zip(shards, whole, strict=True):
+            shard.copy_(tensor[start:start + local])
+        mine = [d - start for d in dead if start <= d < start + local]
+        replaced = {id(t): s for t, s in zip(whole, shards, strict=True)}
+        return [(replaced[id(t)], mine) if id(t) in replaced else (t, rows) for t, rows in changed]
 
     def router_rows(self) -> list[Tensor]:
         scorer = getattr(self.module.router, "scorer", None)

@@ -8,6 +8,7 @@ Writes OUT/rank{r}.pt: {"losses": [...], "logits": logits of a fixed batch after
 """
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.balancing import ZLoss
+from lightning_moe.callbacks import BiasOffsetUpdater, DeadExpertDetector
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.parallel import MoEDeepSpeedStrategy
+from lightning_moe.routing import TopKRouter
 
 GLOBAL_BATCH, SEQ, STEPS, MAX_STEPS, VOCAB = 8, 17, 4, 8, 64
 
@@ -63,12 +66,16 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--callbacks", action="store_true",
+                        help="bias offsets (BiasOffsetUpdater) and dead-expert revival (DeadExpertDetector)")
     parser.add_argument("--save")
     parser.add_argument("--load")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    model = MoELanguageModel(VOCAB, SEQ, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
+    router = functools.partial(TopKRouter, expert_bias=args.callbacks)
+    model = MoELanguageModel(VOCAB, SEQ, router=router, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4,
+                             expert_d_ff=8,
                              balancers=[ZLoss(0.01)], optimizer=sgd if args.optimizer == "sgd" else adam,
                              expert_parallel_size=args.ep)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,9 +88,14 @@ def main() -> None:
                   "zero_allow_untested_optimizer": True}
         strategy, batch = MoEDeepSpeedStrategy(config=config, cpu_shm_comm=False), GLOBAL_BATCH // world
     losses = Losses()
+    callbacks = [losses]
+    if args.callbacks:
+        # threshold 0.9 of the fair share over 2-batch windows: some expert is "dead" at every check.
+        detector = DeadExpertDetector(window=2, threshold=0.9, action="revive", noise=0.05)
+        callbacks += [BiasOffsetUpdater(rate=0.05), detector]
     trainer = L.Trainer(accelerator="cpu", devices=world if args.strategy != "single" else 1, strategy=strategy,
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[losses], num_sanity_val_steps=0,
+                        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     loader = DataLoader(Sequences(int(os.environ.get("RANK", "0")), world), batch_size=batch, shuffle=False)
     trainer.fit(model, loader, ckpt_path=args.load)
@@ -93,7 +105,10 @@ def main() -> None:
     with torch.no_grad():
         logits = model(Sequences().ids[:4, :-1])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "experts" in n}
-    torch.save({"losses": losses.losses, "logits": logits, "expert_shapes": shapes, "world_size": world},
+    biases = [layer.router.expert_bias_E.clone() for layer in model.model.moe_layers() if args.callbacks]
+    revived = callbacks[-1].revived if args.callbacks else 0
+    torch.save({"losses": losses.losses, "logits": logits, "expert_shapes": shapes, "world_size": world,
+                "biases": biases, "revived": revived},
                Path(args.out) / f"rank{trainer.global_rank}.pt")
     if torch.distributed.is_initialized():
         # Leaving gloo's threads to interpreter shutdown sometimes aborts ("terminate called without an

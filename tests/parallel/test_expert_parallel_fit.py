@@ -130,6 +130,20 @@ def test_adam_state_reshards_with_the_weights(runs: Path) -> None:
     assert mean_losses(two) == pytest.approx(one[0]["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
 
 
+@pytest.mark.distributed
+def test_bias_updates_and_revival_under_ep2_match_one_process(runs: Path) -> None:
+    # BiasOffsetUpdater and DeadExpertDetector(action="revive") reduce loads over all ranks (each rank
+    # routes its own tokens to all E experts); revival copies experts across the two ranks' shards.
+    one = fit(runs / "callbacks_ep1", "single", 1, "--callbacks")[0]
+    two = fit(runs / "callbacks_ep2", "ddp", 2, "--callbacks", processes=2)
+    assert one["revived"] > 0 and all(rank["revived"] == one["revived"] for rank in two)
+    for rank in two:
+        for bias, expected in zip(rank["biases"], one["biases"], strict=True):
+            assert torch.equal(bias, expected) and bias.abs().sum() > 0
+        torch.testing.assert_close(rank["logits"], one["logits"], rtol=0, atol=1e-5)
+    assert mean_losses(two) == pytest.approx(one["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
+
+
 def test_an_expert_parallel_size_that_does_not_divide_the_processes_stops_before_training(tmp_path: Path) -> None:
     model = MoELanguageModel(64, 16, d_model=16, n_layers=1, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
                              expert_parallel_size=2)
