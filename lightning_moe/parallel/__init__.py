@@ -1,8 +1,9 @@
 """Expert parallelism and DeepSpeed: expert-parallel groups, the dropless all-to-all dispatch,
 expert-gradient reduction, resharding checkpoints, and a DeepSpeed strategy that also runs on CPU.
 
-The strategy (``MoEDeepSpeedStrategy``, ``load_full_state_dict``) loads Lightning on first use, so
-the plain-PyTorch parts import without it.
+The strategy (``MoEDeepSpeedStrategy``, ``load_full_state_dict``) loads Lightning, and
+``DeepSpeedMoELayer`` (DeepSpeed-MoE's own layer with our router as its gate) DeepSpeed, on first
+use, so the plain-PyTorch parts import without either.
 """
 
 from typing import Any
@@ -23,6 +24,7 @@ from lightning_moe.parallel.expert_parallel import (
 from lightning_moe.parallel.groups import ExpertParallelGroups, check_expert_parallel_size, expert_parallel_groups
 
 __all__ = [
+    "DeepSpeedMoELayer",
     "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch", "expert_parallel_groups",
     "expert_parallel_layers", "ExpertParallelGroups", "gather_expert_optimizer_state", "gather_expert_state_dict",
     "is_expert_parameter", "load_full_state_dict", "moe_param_groups", "MoEDeepSpeedStrategy",
@@ -35,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from lightning_moe.parallel import strategy
 
         return getattr(strategy, name)
+    if name == "DeepSpeedMoELayer":
+        from lightning_moe.parallel.deepspeed_moe import DeepSpeedMoELayer
+
+        return DeepSpeedMoELayer
     raise AttributeError(f"module 'lightning_moe.parallel' has no attribute {name!r}")

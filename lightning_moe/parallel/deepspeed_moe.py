@@ -412,3 +412,35 @@ class DeepSpeedMoELayer(nn.Module):
                 f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
                 f"drop_tokens={self.drop_tokens}, drop_policy={self.drop_policy!r}, "
                 f"expert_parallel_size={self.expert_parallel_size}")
+
+
+def _deepspeed_moe_view(name: str, module: nn.Module) -> Any:
+    from lightning_moe.discovery import LightningMoEView
+
+    if not isinstance(module, DeepSpeedMoELayer):
+        return None
+
+    class DeepSpeedMoEView(LightningMoEView):
+        """Stats, losses, router rows and bias offsets as for our layers. DeepSpeed keeps each expert
+        as its own module copy, so reviving dead experts is not supported here."""
+
+        family = "deepspeed_moe"
+
+        def expert_tensors(self) -> list[Tensor]:
+            return []
+
+        def revive(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError(
+                f"{self.name}: DeadExpertDetector(action='revive') does not support DeepSpeedMoELayer (DeepSpeed "
+                "stores each expert as a separate module); use action='warn' or 'raise', or MoELayer.")
+
+    return DeepSpeedMoEView(name, module)
+
+
+def _register_view() -> None:
+    from lightning_moe.discovery import register_moe_adapter
+
+    register_moe_adapter(_deepspeed_moe_view)
+
+
+_register_view()

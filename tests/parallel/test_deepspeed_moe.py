@@ -332,3 +332,17 @@ def test_engine_averages_expert_gradients_over_the_global_batch(ep_ranks: list[d
             e = rank * 2 + i
             assert_grads_close(got_e, {n: (halves[0]["expert_grads"][e][n] + halves[1]["expert_grads"][e][n]) / 2
                                        for n in got_e})
+
+
+def test_callbacks_find_the_layer_but_cannot_revive_its_experts() -> None:
+    from lightning_moe.discovery import find_moe_layers
+    from lightning_moe.parallel import DeepSpeedMoELayer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DeepSpeedMoELayer(8, 16, 4, capacity_factor=4.0))
+    model(torch.randn(6, 8))
+    (view,) = find_moe_layers(model)
+    assert view.family == "deepspeed_moe" and view.num_experts == 4
+    assert view.stats is not None and int(view.stats.tokens_per_expert_E.sum()) == 12
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeedMoELayer"):
+        view.revive([0], [1], 0.0)
