@@ -186,7 +186,11 @@ class MoELanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Expert parallelism: check the process count, create the groups and shard the experts,
         on every rank, before the strategy wraps the model (DDP then leaves the expert parameters
-        to :meth:`on_before_optimizer_step`)."""
+        to :meth:`on_before_optimizer_step`). Upcycling (``upcycle_from``) runs first, on the whole
+        model, when fitting starts from scratch."""
+        # After Lightning chose a `ckpt_path`: resuming an upcycled run continues it.
+        if stage == "fit" and self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
+            self.upcycle(self.upcycle_from)
         if self.expert_parallel_size > 1:
             check_expert_parallel_size(self.expert_parallel_size, self.trainer.world_size)
             self._ddp_params_and_buffers_to_ignore = setup_expert_parallel(self)
@@ -214,9 +218,6 @@ class MoELanguageModel(L.LightningModule):
             slice_expert_optimizer_state(self, state)
 
     def on_fit_start(self) -> None:
-        # After Lightning restored a `ckpt_path`: resuming an upcycled run continues it.
-        if self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
-            self.upcycle(self.upcycle_from)
         log_sizes_once(self, self.size_metrics())
 
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
