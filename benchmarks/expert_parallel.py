@@ -16,11 +16,11 @@ the same global batch, each rank its slice of ``T`` tokens:
 
 The model is ``--layers`` residual blocks ``x + MoELayer(RMSNorm(x))`` (``TopKRouter`` top-K, SwiGLU experts)
 and a linear head, trained on random inputs and targets with an MSE loss and AdamW: MoE layers only, since
-attention and embeddings would add the same work to both models and only dilute the ratio. A step is forward, backward, the gradient
-reduction and ``optimizer.step()``; both ranks start each step together (barrier) and a step's time is the
-slower rank's. Rounds alternate the order (EP=1 first, then EP=P first, ...); median and min of each and the
-ratio EP=P / EP=1 are printed. Before timing, the two models' outputs are compared; after it, their losses
-(the same weights, the same data, so they should agree to float rounding).
+attention and embeddings would add the same work to both models and only dilute the ratio. A step is forward,
+backward, the gradient reduction and ``optimizer.step()``; both ranks start each step together (barrier) and a
+step's time is the slower rank's. Rounds alternate the order (EP=1 first, then EP=P first, ...); median and
+min of each and the ratio EP=P / EP=1 are printed. Before timing, the two models' outputs are compared; after
+it, their losses (the same weights, the same data, so they should agree to float rounding).
 
 Bytes. After each forward, ``layer.exchange`` holds the rows this rank sent to and received from each rank of
 its group (self included). One row is one (token, expert) assignment of D values. A training step moves rows
@@ -248,14 +248,11 @@ def measure(args: argparse.Namespace, rank: int, world: int, device: torch.devic
             "grad_bytes": gradient_bytes(models, names)}
 
 
-def gradient_bytes(models: dict[str, nn.Module], names: tuple[str, str]) -> dict[str, int]:
+def gradient_bytes(models: dict[str, MoEStack], names: tuple[str, str]) -> dict[str, int]:
     """Payload of each rank's gradient all-reduces per step: EP=1 all; EP=P non-expert (world) + expert shard."""
-    ep = models[names[1]]
-    return {"EP=1 world": parameter_bytes(models[names[0]], False),
-            f"{names[1]} world": sum(p.numel() * p.element_size() for p in ep.parameters() if not is_expert_parameter(p)),
-            f"{names[1]} expert-data group": sum(p.numel() * p.element_size() for p in ep.parameters()
-                                                 if is_expert_parameter(p))}
-
+    ep_total, ep_expert = parameter_bytes(models[names[1]], False), parameter_bytes(models[names[1]], True)
+    return {"EP=1 world": parameter_bytes(models[names[0]], False), f"{names[1]} world": ep_total - ep_expert,
+            f"{names[1]} expert-data group": ep_expert}
 
 # --------------------------------------------------------------------------------------------- report
 
@@ -294,8 +291,7 @@ def step_seconds(per_rank: list[dict], name: str) -> list[float]:
 def report(args: argparse.Namespace, world: int, device: torch.device, result: dict) -> None:
     names, per_rank = result["names"], result["per_rank"]
     ep_name = names[1]
-    element = torch.empty((), dtype=torch.float32).element_size()
-    row_bytes = args.d_model * element
+    row_bytes = args.d_model * 4  # both models run in float32
     layers = [layer_bytes(per_rank, i, row_bytes) for i in range(args.layers)]
     times = {name: step_seconds(per_rank, name) for name in names}
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -329,6 +325,15 @@ def report(args: argparse.Namespace, world: int, device: torch.device, result: d
           f"{grads[f'{ep_name} expert-data group'] / MB:.2f} MB over the expert-data-parallel group of "
           f"{world // args.ep_size} rank(s).\n")
 
+    actual_mb, count_bytes = print_exchange(args, world, ep_name, per_rank, layers, row_bytes)
+    print_notes(args, device, ep_name, per_rank, med, actual_mb / world, result["memory"]["EP=1"]["expert"] / MB)
+    if args.json:
+        write_json(args, world, device, command, names, med, low, times, layers, result, count_bytes)
+
+
+def print_exchange(args: argparse.Namespace, world: int, ep_name: str, per_rank: list[dict], layers: list[LayerBytes],
+                   row_bytes: int) -> tuple[float, int]:
+    """The all-to-all table; returns the MB per step crossing between ranks and the count tables' bytes."""
     print(f"All-to-all rows and bytes per step under {ep_name}, summed over the {world} ranks, mean of "
           f"{len(per_rank[0]['rows'])} steps (one row = D={args.d_model} float32 = {row_bytes} B; bytes = "
           f"{A2A_PER_STEP} all-to-alls x rows to other ranks):\n")
@@ -349,9 +354,7 @@ def report(args: argparse.Namespace, world: int, device: torch.device, result: d
     for r in per_rank:
         last = r["rows"][-1][0]
         print(f"- rank {r['rank']}: sent_rows {last['sent_rows']}, received_rows {last['received_rows']}")
-    print_notes(args, device, ep_name, per_rank, med, actual / world, result["memory"]["EP=1"]["expert"] / MB)
-    if args.json:
-        write_json(args, world, device, command, names, med, low, times, layers, result, count_bytes)
+    return actual, count_bytes
 
 
 def print_notes(args: argparse.Namespace, device: torch.device, ep_name: str, per_rank: list[dict],
@@ -361,10 +364,13 @@ def print_notes(args: argparse.Namespace, device: torch.device, ep_name: str, pe
     if mismatched:
         print(f"- WARNING: in {mismatched} (rank, step, layer) cases `layer.exchange` disagrees with the routing "
               "about the rows sent to other ranks.")
-    print(f"- The gap: our dispatcher sends one row per (token, expert) assignment, so with top-k = {args.top_k} a "
-          "token whose several experts sit on the same remote rank is sent there (and its outputs sent back) once "
-          "per such expert; the minimum sends each token once per remote rank holding any of its experts and "
-          "combines there. Rows for experts on the token's own rank cross no link.")
+    if args.top_k == 1:
+        print("- With top-k = 1 each token has one expert, so the rows sent are the minimum.")
+    else:
+        print(f"- The gap: our dispatcher sends one row per (token, expert) assignment, so with top-k = {args.top_k} "
+              "a token whose several experts sit on the same remote rank is sent there (and its outputs sent back) "
+              "once per such expert; the minimum sends each token once per remote rank holding any of its experts "
+              "and combines there. Rows for experts on the token's own rank cross no link.")
     if device.type == "cpu":
         ratio = med[ep_name] / med["EP=1"]
         verdict = "outweigh" if ratio < 1 else "do not outweigh"
@@ -415,7 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dispatcher", default="grouped", help=f"local experts' backend, one of {sorted(DISPATCHERS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.device_count() >= 2 else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.device_count() >= 2 else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads per process (default on CPU: cores / processes, at least 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")

@@ -171,6 +171,10 @@ def reduce_expert_gradients(model: nn.Module) -> None:
         grads = [p.grad for _, p in expert_parameters(layer) if p.grad is not None]
         if not grads:
             continue
+        if groups.world_size == groups.size:  # no other rank holds these experts: nothing to sum
+            for g in grads:
+                g.div_(groups.world_size)
+            continue
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat, group=groups.data_group)
         flat.div_(groups.world_size)
