@@ -19,7 +19,8 @@ CONFIGS = ROOT / "cli_configs"
 WHOLE = sorted(CONFIGS.glob("*.yaml"))  # complete experiments
 CALLBACKS = sorted((CONFIGS / "callbacks").glob("*.yaml"))  # appended with --trainer.callbacks+=FILE
 HF = sorted((CONFIGS / "hf").glob("*.yaml"))  # lightning-moe-hf (tests/test_hf_cli.py)
-FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p not in CALLBACKS + HF)  # used on top of tiny.yaml
+DEEPSPEED = sorted((CONFIGS / "deepspeed").glob("*.yaml"))  # whole experiments (tests/test_deepspeed_cli.py)
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p not in CALLBACKS + HF + DEEPSPEED)  # on tiny.yaml
 
 
 @pytest.fixture(autouse=True)

@@ -141,6 +141,11 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
         if STATE_KEY in checkpoint:
             # After DeepSpeed's own load (rank 0's expert shards on every rank): the whole tensors, resliced.
             self.lightning_module.load_state_dict(checkpoint[STATE_KEY], strict=strict)
+            # ZeRO-1/2 step from their own fp32 copy of the weights: refresh it, or the first step would
+            # bring back the weights from before the load.
+            refresh = getattr(getattr(self.deepspeed_engine, "optimizer", None), "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
         else:
             super().load_model_state_dict(checkpoint, strict)
 
