@@ -58,9 +58,21 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
     return MoECLI(MoELanguageModel, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 
+def _close_process_group() -> None:
+    # Lightning leaves the process group open at the end of a run; gloo's threads torn down at interpreter
+    # exit can then abort the process ("terminate called without an active exception") after the work is
+    # done, which launchers report as a failure.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """The ``lightning-moe`` console script."""
     run_cli()
+    _close_process_group()
 
 
 def run_hf_cli(args: list[str] | None = None, run: bool = True) -> HFCLI:
@@ -75,6 +87,7 @@ def run_hf_cli(args: list[str] | None = None, run: bool = True) -> HFCLI:
 def main_hf() -> None:
     """The ``lightning-moe-hf`` console script."""
     run_hf_cli()
+    _close_process_group()
 
 
 if __name__ == "__main__":
