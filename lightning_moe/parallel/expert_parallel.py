@@ -211,9 +211,9 @@ def moe_param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, A
     return groups
 
 
-def _expert_slots(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[int, tuple[MoELayer, int]]:
-    """``{optimizer state index: (layer, full first dimension)}`` for the expert parameters of the
-    expert-parallel layers, for an optimizer built from :func:`moe_param_groups`."""
+def _expert_slots(model: nn.Module) -> dict[int, MoELayer]:
+    """``{optimizer state index: layer}`` for the expert parameters of the expert-parallel layers, for
+    an optimizer built from :func:`moe_param_groups`."""
     layer_of = {}
     for _, layer in expert_parallel_layers(model):
         for _, param in expert_parameters(layer):
@@ -232,7 +232,7 @@ def gather_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, A
     """In a torch optimizer's ``state_dict()`` (built from :func:`moe_param_groups`), replace each
     sharded expert parameter's per-element state (Adam's moments, momentum buffers) by the whole
     tensor gathered over its expert-parallel group. Collective. Changes and returns it."""
-    for index, layer in _expert_slots(model, optimizer_state).items():
+    for index, layer in _expert_slots(model).items():
         groups = layer.expert_parallel
         if groups is None or index not in optimizer_state["state"]:
             continue
@@ -248,7 +248,7 @@ def gather_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, A
 def slice_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """Load-time half: keep this rank's rows of whole expert state tensors, and give the saved
     parameter groups this model's expert-parallel group names. Changes and returns it."""
-    for index, layer in _expert_slots(model, optimizer_state).items():
+    for index, layer in _expert_slots(model).items():
         groups = layer.expert_parallel
         if groups is None or index not in optimizer_state["state"]:
             continue
