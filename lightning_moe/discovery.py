@@ -175,26 +175,19 @@ class LightningMoEView(MoELayerView):
         # Expert parallelism: a dead expert and its source may sit on different ranks. Every rank of the
         # group gathers the whole tensors, revives them identically (same loads, same seeded noise) and
         # keeps its own rows.
-        import torch.distributed as dist
-
-        from lightning_moe.parallel.expert_parallel import expert_parameters
+        from lightning_moe.parallel.expert_parallel import expert_parameters, gather_experts
 
         shards = [p for _, p in expert_parameters(self.module)]
-        whole = []
-        for shard in shards:
-            pieces = [torch.empty_like(shard) for _ in range(groups.size)]
-            dist.all_gather(pieces, shard.detach().contiguous(), group=groups.group)
-            whole.append(torch.cat(pieces))
+        whole = [gather_experts(shard, groups) for shard in shards]
         self._whole_experts = whole
         try:
             changed = super().revive(dead, sources, noise, generator)
         finally:
             self._whole_experts = None
-        local = shards[0].shape[0]
-        start = groups.rank * local
+        rows = groups.rows(self.num_experts)
         for shard, tensor in zip(shards, whole, strict=True):
-            shard.copy_(tensor[start:start + local])
-        mine = [d - start for d in dead if start <= d < start + local]
+            shard.copy_(tensor[rows])
+        mine = [d - rows.start for d in dead if rows.start <= d < rows.stop]
         replaced = {id(t): s for t, s in zip(whole, shards, strict=True)}
         return [(replaced[id(t)], mine) if id(t) in replaced else (t, rows) for t, rows in changed]
 

@@ -79,6 +79,15 @@ def expert_parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts, g
     return torch.zeros_like(x_TD).index_add(0, token_A, weighted_AD)
 
 
+@torch.no_grad()
+def gather_experts(shard: Tensor, groups: ExpertParallelGroups) -> Tensor:
+    """The whole ``(E, ...)`` tensor of which every rank of ``groups.group`` holds its rows ``shard``.
+    Collective over the expert-parallel group."""
+    pieces = [torch.empty_like(shard) for _ in range(groups.size)]
+    dist.all_gather(pieces, shard.detach().contiguous(), group=groups.group)
+    return torch.cat(pieces)
+
+
 def expert_parameters(layer: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of the layer's routed-expert weights (first dimension indexes experts),
     names relative to ``layer.experts``."""
@@ -98,14 +107,13 @@ def shard_experts(layer: MoELayer, groups: ExpertParallelGroups) -> None:
             raise RuntimeError(f"This layer is already sharded for expert_parallel_size={current.size}, rank "
                                f"{current.rank}.")
         return
-    local = layer.num_experts // groups.size
-    start = groups.rank * local
+    rows = groups.rows(layer.num_experts)
     for name, param in list(expert_parameters(layer)):
         owner_name, _, attr = name.rpartition(".")
         owner = layer.experts.get_submodule(owner_name) if owner_name else layer.experts
-        shard = nn.Parameter(param.detach()[start:start + local].clone(), requires_grad=param.requires_grad)
+        shard = nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad)
         setattr(owner, attr, shard)
-    layer.experts.num_experts = local
+    layer.experts.num_experts = rows.stop - rows.start
     layer._expert_parallel = groups
     mark_expert_parameters(layer)
     if groups.backend == "deepspeed":
@@ -239,9 +247,7 @@ def gather_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, A
         local = layer.num_experts // groups.size
         for key, value in optimizer_state["state"][index].items():
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == local:
-                pieces = [torch.empty_like(value) for _ in range(groups.size)]
-                dist.all_gather(pieces, value.contiguous(), group=groups.group)
-                optimizer_state["state"][index][key] = torch.cat(pieces)
+                optimizer_state["state"][index][key] = gather_experts(value, groups)
     return optimizer_state
 
 
@@ -253,10 +259,9 @@ def slice_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, An
         if groups is None or index not in optimizer_state["state"]:
             continue
         local = layer.num_experts // groups.size
-        start = groups.rank * local
         for key, value in optimizer_state["state"][index].items():
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
-                optimizer_state["state"][index][key] = value[start:start + local]
+                optimizer_state["state"][index][key] = value[groups.rows(layer.num_experts)]
     current = moe_param_groups(model)
     if len(current) == len(optimizer_state["param_groups"]):
         for saved, group in zip(optimizer_state["param_groups"], current, strict=True):
@@ -281,9 +286,7 @@ def gather_expert_state_dict(model: nn.Module, state_dict: dict[str, Tensor], pr
             key = f"{prefix}{name}.experts.{param_name}"
             if key not in state_dict:
                 continue
-            pieces = [torch.empty_like(param) for _ in range(groups.size)]
-            dist.all_gather(pieces, param.detach().contiguous(), group=groups.group)
-            state_dict[key] = torch.cat(pieces).to(state_dict[key].device)
+            state_dict[key] = gather_experts(param, groups).to(state_dict[key].device)
     return state_dict
 
 
@@ -294,9 +297,8 @@ def slice_expert_state_dict(layer: MoELayer, state_dict: dict[str, Any], prefix:
     if groups is None:
         return
     local = layer.num_experts // groups.size
-    start = groups.rank * local
     for param_name, _ in expert_parameters(layer):
         key = f"{prefix}experts.{param_name}"
         value = state_dict.get(key)
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
-            state_dict[key] = value[start:start + local]
+            state_dict[key] = value[groups.rows(layer.num_experts)]

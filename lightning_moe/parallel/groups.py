@@ -45,6 +45,11 @@ class ExpertParallelGroups:
     name: str
     backend: str = "torch"
 
+    def rows(self, num_experts: int) -> slice:
+        """This rank's rows of a whole ``(E, ...)`` expert tensor: experts ``rank*E/P .. (rank+1)*E/P - 1``."""
+        local = num_experts // self.size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
 
 def group_name(size: int) -> str:
     """DeepSpeed's name of the expert groups of size ``size`` (also the ``group_name`` it reads
