@@ -22,7 +22,7 @@ from lightning_moe.module import MoELanguageModel
 class _UsageErrorCLI(LightningCLI):
     #: Our components check their arguments when built and raise these naming the parameter; on
     #: the command line that is a usage error, not a traceback.
-    usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+    usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
 
     def instantiate_classes(self) -> None:
         try:
@@ -39,7 +39,7 @@ class MoECLI(_UsageErrorCLI):
 
 
 class HFCLI(_UsageErrorCLI):
-    usage_errors = (*_UsageErrorCLI.usage_errors, ImportError)  # peft missing for train=lora
+    pass  # peft missing for train=lora is an ImportError: a usage error too
 
 
 def _offline() -> None:

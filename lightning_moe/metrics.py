@@ -76,6 +76,9 @@ class ExpertLoad(Metric):
     Accumulates ``stats.tokens_per_expert_E`` (int64 counts, exact at any scale) in
     ``tokens_per_expert_E``; ``compute()`` divides the counts summed over updates and ranks by
     their total (all zeros when nothing was kept). Perfect balance is ``1/E`` everywhere.
+    ``num_tokens`` sums ``stats.num_tokens`` the same way, so ``tokens_per_expert_E / num_tokens``
+    (read inside :meth:`sync_context` for all ranks) is the fraction of the tokens each expert
+    reached (for token-choice routing, where a token reaches an expert at most once).
 
     Args:
         num_experts: E, >= 1; every update must have ``E`` entries.
@@ -87,15 +90,17 @@ class ExpertLoad(Metric):
     full_state_update = False
 
     tokens_per_expert_E: Tensor
+    num_tokens: Tensor
 
     def __init__(self, num_experts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.add_state("tokens_per_expert_E", default=torch.zeros(num_experts, dtype=torch.long),
                        dist_reduce_fx="sum")
+        self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, stats: RoutingStats) -> None:
-        """Add one forward's kept assignments per expert.
+        """Add one forward's kept assignments per expert and its tokens.
 
         Args:
             stats: the layer's :class:`~lightning_moe.layers.RoutingStats`; its
@@ -108,6 +113,7 @@ class ExpertLoad(Metric):
                 f"got {tuple(counts_E.shape)}."
             )
         self.tokens_per_expert_E += counts_E.to(device=self.tokens_per_expert_E.device, dtype=torch.long)
+        self.num_tokens += stats.num_tokens
 
     def compute(self) -> Tensor:
         """Load fraction per expert, ``(E,)`` float32."""

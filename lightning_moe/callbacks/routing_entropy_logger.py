@@ -1,10 +1,12 @@
-"""``RoutingEntropyLogger``: routing entropy, expert load balance and dropped tokens of every MoE layer.
+"""``RoutingEntropyLogger``: routing entropy, expert load balance, dropped tokens and collapse of every MoE layer.
 
 Legend: ``E`` experts, ``L`` MoE layers.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_moe._validate import check_non_negative_int
@@ -27,6 +30,35 @@ HEATMAP_MAX_CELL_PX = 32
 HEATMAP_TARGET_PX = 256
 
 
+class RoutingCollapseWarning(UserWarning):
+    """Warned on rank 0 by :class:`RoutingEntropyLogger`, once per layer, when a layer's routing collapses."""
+
+
+@dataclass(frozen=True)
+class _LayerRouting:
+    """One layer's routing of a batch, all ranks together (tensors on the layer's device)."""
+
+    index: int
+    name: str
+    counts_E: Tensor  # int64 kept assignments per expert
+    num_tokens: Tensor  # int64 scalar: tokens routed
+    share_E: Tensor  # share of the kept assignments per expert
+    token_entropy: Tensor  # nats
+    load_entropy: Tensor  # normalised, in [0, 1]
+
+
+@dataclass(frozen=True)
+class _Collapse:
+    """A collapsed layer: its most-reached expert and why it counts as collapsed."""
+
+    index: int
+    name: str
+    expert: int
+    token_fraction: float
+    share: float
+    reasons: list[str]
+
+
 class _LayerMetrics:
     """The three routing metrics of one layer, updated, computed and reset together."""
 
@@ -40,7 +72,7 @@ class _LayerMetrics:
 
 
 class RoutingEntropyLogger(Callback):
-    """Log how every MoE layer routes: token entropy, load balance and dropped assignments.
+    """Log how every MoE layer routes (token entropy, load balance, dropped assignments) and flag collapse.
 
     Works on any LightningModule whose MoE layers :func:`~lightning_moe.discovery.find_moe_layers`
     finds (ours or Hugging Face MoE blocks). After every training batch (and every validation
@@ -71,6 +103,32 @@ class RoutingEntropyLogger(Callback):
     Overall values are the mean over layers, except ``max_share`` (the maximum over layers) and
     ``min_share`` (the minimum). ``per_layer=False`` logs only the overall values.
 
+    Collapse alert (training batches only; ``collapse_alert=False`` turns it off). A layer is
+    *collapsed* at a training batch (all ranks together, ``trainer.global_step`` at least
+    ``collapse_warmup_steps``) when any of these holds:
+
+    - one expert reaches at least ``collapse_token_fraction`` of the batch's tokens: its kept
+      assignments divided by the tokens routed (a token reaches an expert at most once). Its
+      *share* of the kept assignments cannot show this under top-k routing: an expert in every
+      token's top-k holds only ``1/K`` of them. The test is skipped for layers where a perfectly
+      balanced router already reaches that fraction with every expert (``K / E`` at least
+      ``collapse_token_fraction``, K the kept assignments per token; e.g. ``K = E``);
+    - its ``load_entropy`` is below ``collapse_load_entropy`` (0 disables);
+    - its ``token_entropy`` is below ``collapse_token_entropy`` nats (0, the default, disables:
+      a confident, healthy router has low token entropy too, so use it only with a threshold
+      known to be abnormal for the run).
+
+    Layers with one expert, or that kept no assignment, never count. The tests read one global
+    batch: with only tens of tokens per batch, chance alone can push one expert past
+    ``collapse_token_fraction``; raise it (or the warm-up) for such runs. Every training batch logs:
+
+    - ``{prefix}/collapsed_layers``: the number of collapsed layers (0 when none).
+
+    The first time a layer collapses, rank 0 warns (:class:`RoutingCollapseWarning`) naming the
+    layer, the global step, the expert reaching the most tokens with its token fraction and its
+    share, and the criteria met. Each layer is warned about once; the warned layers are saved in
+    checkpoints, so a resumed run does not warn again.
+
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` among the trainer's loggers,
     every ``image_every_n_steps`` optimizer steps (``trainer.global_step``; also at the first
     training batch) rank 0 additionally writes, from the counts summed over ranks:
@@ -84,7 +142,8 @@ class RoutingEntropyLogger(Callback):
 
     ``train_batches`` / ``val_batches`` count the batches logged and ``images_logged`` the image
     steps; they, and the step of the last images, are saved in checkpoints, so a resumed run does
-    not repeat the images of the step it resumed at.
+    not repeat the images of the step it resumed at. ``collapsed_layers`` holds the indices of the
+    layers collapsed at the last training batch and ``warned_layers`` those already warned about.
 
     Args:
         prefix: name prefix of everything logged, a non-empty string without leading or
@@ -93,6 +152,16 @@ class RoutingEntropyLogger(Callback):
         log_validation: also log after every validation batch under ``val_{prefix}``.
         image_every_n_steps: optimizer steps between histograms and heatmaps, >= 0; 0 disables
             them.
+        collapse_alert: log ``collapsed_layers`` and warn on collapse.
+        collapse_token_fraction: fraction of the tokens one expert must reach for collapse, in
+            (0, 1], or ``None`` to disable the test. The default 0.9 flags an expert in the
+            top-k of 90% of the tokens.
+        collapse_load_entropy: normalised load entropy under which a layer is collapsed, in
+            [0, 1]; 0 disables the test.
+        collapse_token_entropy: token entropy (nats) under which a layer is collapsed, a finite
+            number >= 0; 0 (the default) disables the test.
+        collapse_warmup_steps: no layer counts as collapsed before this ``trainer.global_step``,
+            >= 0.
     """
 
     def __init__(
@@ -101,6 +170,11 @@ class RoutingEntropyLogger(Callback):
         per_layer: bool = True,
         log_validation: bool = False,
         image_every_n_steps: int = 100,
+        collapse_alert: bool = True,
+        collapse_token_fraction: float | None = 0.9,
+        collapse_load_entropy: float = 0.5,
+        collapse_token_entropy: float = 0.0,
+        collapse_warmup_steps: int = 0,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
             raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
@@ -112,12 +186,31 @@ class RoutingEntropyLogger(Callback):
             raise ValueError(f"`log_validation` must be a bool, got {log_validation!r}.")
         self.log_validation = log_validation
         self.image_every_n_steps = check_non_negative_int("image_every_n_steps", image_every_n_steps)
+        if not isinstance(collapse_alert, bool):
+            raise ValueError(f"`collapse_alert` must be a bool, got {collapse_alert!r}.")
+        self.collapse_alert = collapse_alert
+        if collapse_token_fraction is not None and not _is_number_in(collapse_token_fraction, 0.0, 1.0, open_low=True):
+            raise ValueError(
+                f"`collapse_token_fraction` must be a number in (0, 1] or None, got {collapse_token_fraction!r}."
+            )
+        self.collapse_token_fraction = None if collapse_token_fraction is None else float(collapse_token_fraction)
+        if not _is_number_in(collapse_load_entropy, 0.0, 1.0):
+            raise ValueError(f"`collapse_load_entropy` must be a number in [0, 1], got {collapse_load_entropy!r}.")
+        self.collapse_load_entropy = float(collapse_load_entropy)
+        if not _is_number_in(collapse_token_entropy, 0.0, math.inf):
+            raise ValueError(
+                f"`collapse_token_entropy` must be a finite number >= 0, got {collapse_token_entropy!r}."
+            )
+        self.collapse_token_entropy = float(collapse_token_entropy)
+        self.collapse_warmup_steps = check_non_negative_int("collapse_warmup_steps", collapse_warmup_steps)
         self._views: list[MoELayerView] = []
         self._metrics: list[_LayerMetrics] = []
         self.train_batches = 0
         self.val_batches = 0
         self.images_logged = 0
         self.last_image_step: int | None = None
+        self.collapsed_layers: list[int] = []
+        self.warned_layers: set[int] = set()
 
     @property
     def state_key(self) -> str:
@@ -137,8 +230,10 @@ class RoutingEntropyLogger(Callback):
             every > 0 and bool(tensorboards) and step != self.last_image_step
             and (self.last_image_step is None or step % every == 0)
         )
-        layers = self._log_routing(pl_module, self.prefix, keep_counts=images)
+        layers = self._log_routing(pl_module, self.prefix)
         self.train_batches += 1
+        if self.collapse_alert:
+            self._alert_collapse(pl_module, layers, step)
         if not images or not layers:
             return
         self.last_image_step = step
@@ -151,13 +246,12 @@ class RoutingEntropyLogger(Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.log_validation or trainer.sanity_checking:
             return
-        self._log_routing(pl_module, f"val_{self.prefix}", keep_counts=False)
+        self._log_routing(pl_module, f"val_{self.prefix}")
         self.val_batches += 1
 
-    def _log_routing(self, pl_module: L.LightningModule, prefix: str,
-                     keep_counts: bool) -> list[tuple[int, Tensor, Tensor | None]]:
-        """Update, compute (across ranks), reset and log every layer; return ``(i, share_E, counts_E)``."""
-        layers: list[tuple[int, Tensor, Tensor | None]] = []
+    def _log_routing(self, pl_module: L.LightningModule, prefix: str) -> list[_LayerRouting]:
+        """Update, compute (across ranks), reset and log every layer; return what each layer did."""
+        layers: list[_LayerRouting] = []
         values: dict[str, list[Tensor]] = {name: [] for name in ROUTING_VALUES}
         aux_values: dict[str, list[Tensor]] = {}
         for i, (view, metrics) in enumerate(zip(self._views, self._metrics, strict=True)):
@@ -170,12 +264,15 @@ class RoutingEntropyLogger(Callback):
                     metric.to(device)
                 metric.update(stats)
             token_entropy = metrics.entropy.compute()
-            share_E = metrics.load.compute()
             dropped_fraction = metrics.dropped.compute()
-            counts_E = None
-            if keep_counts:
-                with metrics.load.sync_context():
-                    counts_E = metrics.load.tokens_per_expert_E.clone()
+            # One gather of the load metric's sums gives the counts and tokens of all ranks, from
+            # which come the shares (ExpertLoad.compute()'s formula), the histograms and the
+            # collapse alert's token fractions (counts / tokens: exact, unlike share * K, which
+            # needs K and breaks once capacity drops assignments).
+            with metrics.load.sync_context():
+                counts_E = metrics.load.tokens_per_expert_E.clone()
+                num_tokens = metrics.load.num_tokens.clone()
+            share_E = counts_E.float() / counts_E.sum().clamp_min(1).float()
             for metric in metrics.all():
                 metric.reset()
             layer = {"token_entropy": token_entropy, **load_summary(share_E), "dropped_fraction": dropped_fraction}
@@ -189,7 +286,9 @@ class RoutingEntropyLogger(Callback):
                     pl_module.log(f"{prefix}/layer{i}/{name}", layer[name], on_step=True, on_epoch=False)
                 for name, value in aux.items():
                     pl_module.log(f"{prefix}/layer{i}/{name}", value, on_step=True, on_epoch=False, sync_dist=True)
-            layers.append((i, share_E, counts_E))
+            layers.append(_LayerRouting(index=i, name=view.name, counts_E=counts_E, num_tokens=num_tokens,
+                                        share_E=share_E, token_entropy=token_entropy,
+                                        load_entropy=layer["load_entropy"]))
         if not layers:
             return layers
         log_device = pl_module.device  # layers may sit on different devices (pipeline / model parallel)
@@ -202,12 +301,60 @@ class RoutingEntropyLogger(Callback):
             pl_module.log(f"{prefix}/{name}", overall, on_step=True, on_epoch=False, sync_dist=True)
         return layers
 
-    def _write_images(self, logger: TensorBoardLogger, layers: list[tuple[int, Tensor, Tensor | None]],
-                      step: int) -> None:
+    def _alert_collapse(self, pl_module: L.LightningModule, layers: list[_LayerRouting], step: int) -> None:
+        """Log ``{prefix}/collapsed_layers`` and warn about every layer collapsed for the first time."""
+        collapses = self._find_collapses(layers, pl_module.device) if step >= self.collapse_warmup_steps else []
+        self.collapsed_layers = [collapse.index for collapse in collapses]
+        pl_module.log(f"{self.prefix}/collapsed_layers", float(len(collapses)), on_step=True, on_epoch=False)
+        for collapse in collapses:
+            if collapse.index not in self.warned_layers:
+                # Every rank holds the same sums, so every rank records the layer; rank 0 warns.
+                self.warned_layers.add(collapse.index)
+                rank_zero_warn(self._collapse_message(collapse, step), category=RoutingCollapseWarning)
+
+    def _find_collapses(self, layers: list[_LayerRouting], device: torch.device) -> list[_Collapse]:
+        """The collapsed layers among ``layers``, read with one host transfer."""
+        if not layers:
+            return []
+        rows = torch.stack([_collapse_row(layer).to(device) for layer in layers]).tolist()
+        collapses = []
+        for layer, (expert, fraction, share, per_token, load_entropy, token_entropy) in zip(layers, rows, strict=True):
+            num_experts = layer.counts_E.numel()
+            if num_experts < 2 or per_token <= 0:
+                continue
+            reasons = self._collapse_reasons(num_experts, fraction, per_token, load_entropy, token_entropy)
+            if reasons:
+                collapses.append(_Collapse(layer.index, layer.name, int(expert), fraction, share, reasons))
+        return collapses
+
+    def _collapse_reasons(self, num_experts: int, fraction: float, per_token: float, load_entropy: float,
+                          token_entropy: float) -> list[str]:
+        """The collapse criteria a layer meets, as text; ``per_token`` is its kept assignments per token."""
+        reasons = []
+        limit = self.collapse_token_fraction
+        if limit is not None and per_token / num_experts < limit <= fraction:
+            reasons.append(f"token fraction {fraction:.3f} >= collapse_token_fraction={limit}")
+        if load_entropy < self.collapse_load_entropy:
+            reasons.append(f"load entropy {load_entropy:.3f} < collapse_load_entropy={self.collapse_load_entropy}")
+        if token_entropy < self.collapse_token_entropy:
+            reasons.append(
+                f"token entropy {token_entropy:.3f} nats < collapse_token_entropy={self.collapse_token_entropy}"
+            )
+        return reasons
+
+    def _collapse_message(self, collapse: _Collapse, step: int) -> str:
+        return (
+            f"Routing collapse in MoE layer {collapse.index} ({collapse.name}) at global step {step}: expert "
+            f"{collapse.expert} reaches {collapse.token_fraction:.1%} of the tokens and holds {collapse.share:.1%} "
+            f"of the kept assignments ({'; '.join(collapse.reasons)}). `{self.prefix}/collapsed_layers` counts "
+            "the collapsed layers at every training batch; this warning is given once per layer."
+        )
+
+    def _write_images(self, logger: TensorBoardLogger, layers: list[_LayerRouting], step: int) -> None:
         experiment = logger.experiment
-        for i, _, counts_E in layers:
-            assert counts_E is not None
-            counts = counts_E.detach().cpu().double()
+        for layer in layers:
+            i = layer.index
+            counts = layer.counts_E.detach().cpu().double()
             total = float(counts.sum())
             if total <= 0:
                 continue
@@ -224,7 +371,7 @@ class RoutingEntropyLogger(Callback):
                 bucket_counts=counts.tolist(),
                 global_step=step,
             )
-        image_HWC = load_heatmap([share_E for _, share_E, _ in layers])
+        image_HWC = load_heatmap([layer.share_E for layer in layers])
         experiment.add_image(f"{self.prefix}/load_heatmap", image_HWC, global_step=step, dataformats="HWC")
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +380,7 @@ class RoutingEntropyLogger(Callback):
             "val_batches": self.val_batches,
             "images_logged": self.images_logged,
             "last_image_step": self.last_image_step,
+            "collapse_warned_layers": sorted(self.warned_layers),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,6 +389,30 @@ class RoutingEntropyLogger(Callback):
         self.images_logged = int(state_dict["images_logged"])
         last = state_dict["last_image_step"]
         self.last_image_step = None if last is None else int(last)
+        # Checkpoints written before the collapse alert have no warned layers.
+        self.warned_layers = {int(i) for i in state_dict.get("collapse_warned_layers", [])}
+
+
+def _is_number_in(value: Any, low: float, high: float, open_low: bool = False) -> bool:
+    """Whether ``value`` is a (non-bool) finite number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (low < value if open_low else low <= value) and value <= high
+
+
+def _collapse_row(layer: _LayerRouting) -> Tensor:
+    """``(6,)`` float32: most-reached expert, its token fraction and share, kept per token, load and token entropy.
+
+    float32, not float64, which some accelerators (MPS) lack.
+    """
+    counts_E = layer.counts_E.float()
+    kept = counts_E.sum()
+    tokens = layer.num_tokens.float().clamp_min(1.0)
+    expert = counts_E.argmax()
+    return torch.stack([
+        expert.float(), counts_E[expert] / tokens, counts_E[expert] / kept.clamp_min(1.0), kept / tokens,
+        layer.load_entropy.float(), layer.token_entropy.float(),
+    ])
 
 
 def load_heatmap(shares: list[Tensor]) -> np.ndarray:

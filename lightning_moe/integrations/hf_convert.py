@@ -49,6 +49,7 @@ import importlib
 import math
 import warnings
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -181,9 +182,12 @@ def _routing_settings(block: nn.Module, family: str) -> dict:
 
 def _build_router(d_model: int, num_experts: int, family: str, settings: dict,
                   gating_kernel: str) -> TopKRouter:
+    # HF gates score the raw hidden states: no input centring.
+    scorer = partial(LinearScorer, center_input=False)
     if family == "deepseek_v3":  # group-limited selection always runs in torch
-        return GroupLimitedTopKRouter(d_model, num_experts, group_score="top2_sum", expert_bias=True, **settings)
-    return TopKRouter(d_model, num_experts, gating_kernel=gating_kernel, **settings)
+        return GroupLimitedTopKRouter(d_model, num_experts, group_score="top2_sum", expert_bias=True, scorer=scorer,
+                                      **settings)
+    return TopKRouter(d_model, num_experts, gating_kernel=gating_kernel, scorer=scorer, **settings)
 
 
 def _assign(layer: nn.Module, name: str, tensor: Tensor, requires_grad: bool) -> None:
@@ -270,6 +274,9 @@ def _check_router(layer: MoELayer, block: nn.Module, family: str) -> None:
         raise ValueError(f"The router has a non-zero `expert_bias_E`; {family} blocks have no expert bias.")
     if layer.capacity is not None:
         raise ValueError(f"The layer has an expert `capacity` ({layer.capacity}); HF blocks are dropless.")
+    if router.scorer.center_input:
+        raise ValueError("The router's scorer centres its input (`center_input=True`); HF gates score the raw hidden "
+                         "states. Build the scorer with center_input=False to convert.")
 
 
 def _check_groups(router: TopKRouter, want: dict, family: str) -> None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_float, check_positive_int
+from lightning_moe.routing.centering import InputCentering
 
 __all__ = [
     "AttentionScorer",
@@ -50,20 +51,40 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class Scorer(nn.Module):
-    """Base class: ``forward(x_TD) -> logits_TE`` (float32 or wider), one logit per expert."""
+    """Base class: ``forward(x_TD) -> logits_TE`` (float32 or wider), one logit per expert.
+
+    With ``center_input=True`` (every scorer's default) the hidden states are centred first
+    (:class:`~lightning_moe.routing.centering.InputCentering`: minus the batch mean in training,
+    minus its running mean in evaluation), so the direction all tokens share cannot put one
+    expert in every token's top-k. ``False`` scores the raw hidden states (as Switch, Mixtral
+    and DeepSeek do; those need a trained model's inputs or a strong balancer to stay balanced).
+    """
 
     d_model: int
     num_experts: int
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
+    def __init__(self, d_model: int, num_experts: int, center_input: bool = True) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_experts = check_positive_int("num_experts", num_experts)
+        if not isinstance(center_input, bool):
+            raise ValueError(f"`center_input` must be a bool, got {center_input!r}.")
+        self.centering = InputCentering(d_model) if center_input else None
+        # Checkpoints written before centring existed load into a centring scorer: the running
+        # mean starts at zero and is filled by the first training batch.
+        self.register_load_state_dict_pre_hook(_default_centering_state)
+
+    @property
+    def center_input(self) -> bool:
+        return self.centering is not None
 
     def forward(self, x_TD: Tensor) -> Tensor:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self.logits(x_TD.to(dtype), dtype)
+            x_TD = x_TD.to(dtype)
+            if self.centering is not None:
+                x_TD = self.centering(x_TD)
+            return self.logits(x_TD, dtype)
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:  # pragma: no cover - abstract
         """``x_TD`` already in ``dtype`` (float32 or wider); parameters must be cast to it."""
@@ -75,7 +96,13 @@ class Scorer(nn.Module):
         return []
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}"
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, center_input={self.center_input}"
+
+
+def _default_centering_state(module: Scorer, state_dict: dict, prefix: str, *args: object) -> None:
+    if module.centering is not None:
+        for name, value in module.centering.state_dict().items():
+            state_dict.setdefault(f"{prefix}centering.{name}", torch.zeros_like(value))
 
 
 ScorerFactory = Callable[[int, int], Scorer]
@@ -98,10 +125,14 @@ def _linear_init(weight: Tensor, fan_in: int) -> None:
 
 
 class LinearScorer(Scorer):
-    """One projection to E logits (Shazeer, Switch, Mixtral). Parameters: ``E * D`` (no bias)."""
+    """One projection to E logits (Shazeer, Switch, Mixtral). Parameters: ``E * D`` (no bias).
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts)
+    Args:
+        center_input: centre the hidden states before scoring (:class:`Scorer`).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, center_input: bool = True) -> None:
+        super().__init__(d_model, num_experts, center_input)
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
 
@@ -127,10 +158,12 @@ class AttentionScorer(Scorer):
     Args:
         d_key: query/key width Q, >= 1.
         temperature: divides the cosine similarities, > 0.
+        center_input: centre the hidden states before scoring (:class:`Scorer`).
     """
 
-    def __init__(self, d_model: int, num_experts: int, d_key: int = 64, temperature: float = 1.0) -> None:
-        super().__init__(d_model, num_experts)
+    def __init__(self, d_model: int, num_experts: int, d_key: int = 64, temperature: float = 1.0,
+                 center_input: bool = True) -> None:
+        super().__init__(d_model, num_experts, center_input)
         self.d_key = check_positive_int("d_key", d_key)
         self.temperature = check_positive_float("temperature", temperature)
         self.query_QD = nn.Parameter(torch.empty(d_key, d_model))
@@ -161,6 +194,7 @@ class MLPScorer(Scorer):
     Args:
         d_hidden: hidden width H, >= 1.
         activation: ``gelu``, ``relu``, ``silu`` or ``tanh``.
+        center_input: centre the hidden states before scoring (:class:`Scorer`).
     """
 
     def __init__(
@@ -169,8 +203,9 @@ class MLPScorer(Scorer):
         num_experts: int,
         d_hidden: int = 128,
         activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu",
+        center_input: bool = True,
     ) -> None:
-        super().__init__(d_model, num_experts)
+        super().__init__(d_model, num_experts, center_input)
         self.d_hidden = check_positive_int("d_hidden", d_hidden)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
@@ -202,6 +237,7 @@ class MLPHadamardScorer(MLPScorer):
     Args:
         d_hidden: hidden width H, >= 1.
         activation: ``gelu``, ``relu``, ``silu`` or ``tanh``.
+        center_input: centre the hidden states before scoring (:class:`Scorer`).
     """
 
     def __init__(
@@ -210,8 +246,9 @@ class MLPHadamardScorer(MLPScorer):
         num_experts: int,
         d_hidden: int = 128,
         activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu",
+        center_input: bool = True,
     ) -> None:
-        super().__init__(d_model, num_experts, d_hidden, activation)
+        super().__init__(d_model, num_experts, d_hidden, activation, center_input)
         self.proj_HD = nn.Parameter(torch.empty(d_hidden, d_model))
         _linear_init(self.proj_HD, d_model)
 
@@ -233,6 +270,7 @@ class HybridScorer(Scorer):
         temperature: the attention part's temperature, > 0.
         linear_weight: initial (or fixed) weight of the linear part, in (0, 1).
         learn_mix: learn the mixing weights.
+        center_input: centre the hidden states before scoring (:class:`Scorer`).
     """
 
     def __init__(
@@ -243,12 +281,14 @@ class HybridScorer(Scorer):
         temperature: float = 1.0,
         linear_weight: float = 0.5,
         learn_mix: bool = True,
+        center_input: bool = True,
     ) -> None:
-        super().__init__(d_model, num_experts)
+        super().__init__(d_model, num_experts, center_input)
         if not (isinstance(linear_weight, (int, float)) and 0.0 < linear_weight < 1.0):
             raise ValueError(f"`linear_weight` must be in (0, 1), got {linear_weight!r}.")
-        self.linear = LinearScorer(d_model, num_experts)
-        self.attention = AttentionScorer(d_model, num_experts, d_key, temperature)
+        # The parts score the input this scorer has already centred.
+        self.linear = LinearScorer(d_model, num_experts, center_input=False)
+        self.attention = AttentionScorer(d_model, num_experts, d_key, temperature, center_input=False)
         self.d_key, self.temperature, self.linear_weight = d_key, temperature, float(linear_weight)
         mix_2 = torch.tensor([math.log(linear_weight), math.log(1.0 - linear_weight)])
         if learn_mix:

@@ -1,8 +1,10 @@
-"""RoutingEntropyLogger on the tiny model under a real Trainer: scalars, histograms and heatmaps as logged."""
+"""RoutingEntropyLogger on the tiny model under a real Trainer: scalars, histograms, heatmaps and collapse alerts."""
 
 import csv
 import io
 import math
+import re
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -15,11 +17,16 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_moe.callbacks.routing_entropy_logger import ROUTING_VALUES, RoutingEntropyLogger, load_heatmap
+from lightning_moe.callbacks.routing_entropy_logger import (
+    ROUTING_VALUES,
+    RoutingCollapseWarning,
+    RoutingEntropyLogger,
+    load_heatmap,
+)
 from lightning_moe.layers import MoELayer
 from lightning_moe.metrics import load_summary
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.routing import ExpertCapacity, TopKRouter
+from lightning_moe.routing import ExpertCapacity, HashRouter, TopKRouter
 
 SEQ_LEN, BATCH, TOP_K, EXPERTS, LAYERS = 16, 4, 2, 4, 2
 TOKENS = SEQ_LEN * BATCH
@@ -36,11 +43,11 @@ class RandomIds(Dataset):
         return {"input_ids": self.ids[i]}
 
 
-def tiny(capacity: ExpertCapacity | None = None, moe_every: int = 1) -> MoELanguageModel:
+def tiny(capacity: ExpertCapacity | None = None, moe_every: int = 1, router=None) -> MoELanguageModel:  # noqa: ANN001
     torch.manual_seed(0)
     return MoELanguageModel(
         max_seq_len=SEQ_LEN, d_model=32, n_layers=LAYERS, n_heads=2, d_ff=64, num_experts=EXPERTS, expert_d_ff=32,
-        moe_every=moe_every, router=partial(TopKRouter, top_k=TOP_K), capacity=capacity,
+        moe_every=moe_every, router=router or partial(TopKRouter, top_k=TOP_K), capacity=capacity,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
     )
 
@@ -99,6 +106,8 @@ def scalar_series(events: EventAccumulator, tag: str) -> list[float]:
 
 def test_tensorboard_scalar_histogram_and_image_tags(tensorboard_run: dict) -> None:
     tags = tensorboard_run["events"].Tags()
+    # Capacity caps every expert at a quarter of the tokens: never collapsed.
+    assert scalar_series(tensorboard_run["events"], "routing/collapsed_layers") == [0.0] * 5
     for name in (*ROUTING_VALUES, "aux_loss", "z_loss"):
         assert f"routing/{name}" in tags["scalars"]
         for i in range(LAYERS):
@@ -161,7 +170,8 @@ def test_heatmap_is_a_block_image_per_layer_and_expert(tensorboard_run: dict) ->
                 block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell, :3]
                 assert np.all(block == block[0, 0]), "each cell is one nearest-upscaled colour block"
     callback = tensorboard_run["callback"]
-    assert callback.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 3, "last_image_step": 4}
+    assert callback.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 3, "last_image_step": 4,
+                                     "collapse_warned_layers": []}
 
 
 def test_load_heatmap_colours() -> None:
@@ -191,7 +201,8 @@ def test_csv_logger_gets_the_scalars_and_validation(tmp_path: Path) -> None:
     assert all(float(r["routing/dropped_fraction"]) == 0.0 for r in train_rows)  # dropless
     assert all(float(r["moe/load_entropy"]) == float(r["routing/load_entropy"]) for r in train_rows)
     assert [r for r in rows if r["val_moe/token_entropy"]]
-    assert full.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 0, "last_image_step": None}
+    assert full.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 0, "last_image_step": None,
+                                 "collapse_warned_layers": []}
     assert brief.state_dict()["val_batches"] == 1 and brief.state_dict()["train_batches"] == 3
     assert full.state_key != brief.state_key
 
@@ -199,25 +210,34 @@ def test_csv_logger_gets_the_scalars_and_validation(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 def test_resume_restores_the_counts_and_the_image_schedule(tmp_path: Path) -> None:
     # Images every 3 steps: steps 1 and 3 in 5 steps. A fresh callback resumed at step 3 would
-    # log again at step 4 (its first batch); the restored one waits for step 6.
-    first = RoutingEntropyLogger(image_every_n_steps=3)
+    # log again at step 4 (its first batch); the restored one waits for step 6. No collapse alert:
+    # in batches of 64 tokens chance alone can put one expert in 90% of the top-2s (step 4 here).
+    first = RoutingEntropyLogger(image_every_n_steps=3, collapse_alert=False)
     trainer = fit(tiny(), [first], max_steps=3, logger=TensorBoardLogger(tmp_path, name="a"))
     checkpoint = tmp_path / "step3.ckpt"
     trainer.save_checkpoint(checkpoint)
-    assert first.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 2, "last_image_step": 3}
-    resumed = RoutingEntropyLogger(image_every_n_steps=3)
+    assert first.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 2, "last_image_step": 3,
+                                  "collapse_warned_layers": []}
+    resumed = RoutingEntropyLogger(image_every_n_steps=3, collapse_alert=False)
     trainer = fit(tiny(), [resumed], max_steps=5, logger=TensorBoardLogger(tmp_path, name="b"),
                   ckpt_path=str(checkpoint))
-    assert resumed.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 2, "last_image_step": 3}
+    assert resumed.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 2, "last_image_step": 3,
+                                    "collapse_warned_layers": []}
     assert "routing/load_heatmap" not in read_events(trainer.logger.log_dir).Tags()["images"]
 
 
 def test_state_dict_round_trip() -> None:
     callback = RoutingEntropyLogger()
-    callback.load_state_dict({"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5})
+    state = {"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5,
+             "collapse_warned_layers": [3, 0]}
+    callback.load_state_dict(state)
+    assert callback.warned_layers == {0, 3}
     other = RoutingEntropyLogger()
     other.load_state_dict(callback.state_dict())
-    assert other.state_dict() == {"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5}
+    assert other.state_dict() == {**state, "collapse_warned_layers": [0, 3]}
+    # A checkpoint from before the collapse alert has no warned layers.
+    other.load_state_dict({"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5})
+    assert other.warned_layers == set() and other.state_dict()["collapse_warned_layers"] == []
 
 
 def test_images_off_and_per_layer_off(tmp_path: Path) -> None:
@@ -237,6 +257,18 @@ def test_images_off_and_per_layer_off(tmp_path: Path) -> None:
     ({"log_validation": "yes"}, "`log_validation` must be a bool"),
     ({"image_every_n_steps": -1}, "`image_every_n_steps` must be an integer >= 0"),
     ({"image_every_n_steps": 1.5}, "`image_every_n_steps` must be an integer >= 0"),
+    ({"collapse_alert": 1}, "`collapse_alert` must be a bool"),
+    ({"collapse_token_fraction": 0.0}, re.escape("`collapse_token_fraction` must be a number in (0, 1] or None")),
+    ({"collapse_token_fraction": 1.5}, re.escape("`collapse_token_fraction` must be a number in (0, 1] or None")),
+    ({"collapse_token_fraction": True}, re.escape("`collapse_token_fraction` must be a number in (0, 1] or None")),
+    ({"collapse_load_entropy": -0.1}, re.escape("`collapse_load_entropy` must be a number in [0, 1]")),
+    ({"collapse_load_entropy": 1.01}, re.escape("`collapse_load_entropy` must be a number in [0, 1]")),
+    ({"collapse_load_entropy": "0.5"}, re.escape("`collapse_load_entropy` must be a number in [0, 1]")),
+    ({"collapse_token_entropy": -1.0}, "`collapse_token_entropy` must be a finite number >= 0"),
+    ({"collapse_token_entropy": math.inf}, "`collapse_token_entropy` must be a finite number >= 0"),
+    ({"collapse_token_entropy": math.nan}, "`collapse_token_entropy` must be a finite number >= 0"),
+    ({"collapse_warmup_steps": -1}, "`collapse_warmup_steps` must be an integer >= 0"),
+    ({"collapse_warmup_steps": 2.0}, "`collapse_warmup_steps` must be an integer >= 0"),
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -246,3 +278,98 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_model_without_moe_layers_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="RoutingEntropyLogger found no MoE layer in MoELanguageModel"):
         fit(tiny(moe_every=0), [RoutingEntropyLogger()], max_steps=1, logger=CSVLogger(tmp_path))
+
+
+# ---------------------------------------------------------------- collapse alert
+
+
+class CollapsingRouter(TopKRouter):
+    """Top-k whose logits favour expert 0 by +10 for every token: it is in every token's top-k."""
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = super()._logits(x_TD)
+        return logits_TE + torch.nn.functional.one_hot(torch.tensor(0), self.num_experts).to(logits_TE) * 10.0
+
+
+def collapse_warnings(records: list[warnings.WarningMessage], prefix: str = "routing") -> list[str]:
+    return [str(w.message) for w in records
+            if issubclass(w.category, RoutingCollapseWarning) and f"`{prefix}/collapsed_layers`" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_collapse_alert_fires_once_per_layer_and_survives_resume(tmp_path: Path, one_thread: None) -> None:
+    # Expert 0 reaches every token (token fraction 1) yet holds only 1/K = 50% of the kept
+    # assignments, so the load entropy (about 0.9) alone would not flag it.
+    router = partial(CollapsingRouter, top_k=TOP_K)
+    alert = RoutingEntropyLogger(image_every_n_steps=0)
+    late = RoutingEntropyLogger(prefix="late", per_layer=False, image_every_n_steps=0, collapse_warmup_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="collapse")
+    with pytest.warns(RoutingCollapseWarning) as records:
+        trainer = fit(tiny(router=router), [alert, late], max_steps=3, logger=logger)
+    messages = collapse_warnings(records.list)
+    assert len(messages) == LAYERS  # once per layer, not once per step
+    for i, message in enumerate(messages):
+        assert f"MoE layer {i} " in message and "at global step 1:" in message  # global_step after batch 1
+        assert "expert 0 reaches 100.0% of the tokens and holds 50.0% of the kept assignments" in message
+        assert "token fraction 1.000 >= collapse_token_fraction=0.9" in message
+        assert "load entropy" not in message  # only the token fraction criterion holds
+    late_messages = collapse_warnings(records.list, prefix="late")
+    assert len(late_messages) == LAYERS and all("at global step 2:" in m for m in late_messages)
+    events = read_events(logger.log_dir)
+    assert scalar_series(events, "routing/collapsed_layers") == [float(LAYERS)] * 3
+    assert scalar_series(events, "late/collapsed_layers") == [0.0, float(LAYERS), float(LAYERS)]  # warm-up
+    assert alert.collapsed_layers == list(range(LAYERS))
+    assert alert.state_dict()["collapse_warned_layers"] == list(range(LAYERS))
+
+    # Resumed from a checkpoint, the restored callback still counts the layers but does not warn again.
+    checkpoint = tmp_path / "step3.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    resumed = RoutingEntropyLogger(image_every_n_steps=0)
+    logger = TensorBoardLogger(tmp_path, name="resumed")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fit(tiny(router=router), [resumed], max_steps=5, logger=logger, ckpt_path=str(checkpoint))
+    assert collapse_warnings(records) == []
+    assert resumed.collapsed_layers == list(range(LAYERS))
+    assert [s.value for s in read_events(logger.log_dir).Scalars("routing/collapsed_layers")] == [float(LAYERS)] * 2
+
+
+def test_balanced_run_stays_silent(tmp_path: Path, one_thread: None) -> None:
+    # Hash routing by token id over a balanced table: each expert reaches about K/E = 50% of the tokens.
+    router = partial(HashRouter, top_k=TOP_K, vocab_size=256)
+    callback = RoutingEntropyLogger(image_every_n_steps=0, collapse_load_entropy=0.9)
+    logger = TensorBoardLogger(tmp_path, name="balanced")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fit(tiny(router=router), [callback], max_steps=3, logger=logger)
+    assert collapse_warnings(records) == []
+    events = read_events(logger.log_dir)
+    assert scalar_series(events, "routing/collapsed_layers") == [0.0] * 3
+    assert all(v > 0.9 for i in range(LAYERS) for v in scalar_series(events, f"routing/layer{i}/load_entropy"))
+    assert callback.collapsed_layers == [] and callback.state_dict()["collapse_warned_layers"] == []
+
+
+def test_collapse_alert_off_logs_nothing(tmp_path: Path, one_thread: None) -> None:
+    callback = RoutingEntropyLogger(image_every_n_steps=0, collapse_alert=False)
+    logger = TensorBoardLogger(tmp_path, name="off")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fit(tiny(router=partial(CollapsingRouter, top_k=TOP_K)), [callback], max_steps=2, logger=logger)
+    assert collapse_warnings(records) == []
+    assert "routing/collapsed_layers" not in read_events(logger.log_dir).Tags()["scalars"]
+
+
+@pytest.mark.parametrize("kwargs, row, expected", [
+    # row: E, token fraction, kept per token, load entropy, token entropy
+    ({}, (4, 0.95, 2.0, 0.9, 1.0), ["token fraction"]),
+    ({}, (4, 0.85, 2.0, 0.9, 1.0), []),
+    ({"collapse_token_fraction": None}, (4, 1.0, 2.0, 0.9, 1.0), []),
+    ({}, (2, 1.0, 2.0, 1.0, 0.5), []),  # K = E: every expert reaches every token, by design
+    ({}, (4, 0.5, 2.0, 0.3, 1.0), ["load entropy"]),
+    ({"collapse_load_entropy": 0.0}, (4, 0.5, 1.0, 0.0, 1.0), []),
+    ({}, (4, 0.5, 1.0, 0.9, 0.01), []),  # token entropy is off by default
+    ({"collapse_token_entropy": 0.1}, (4, 1.0, 1.0, 0.2, 0.01), ["token fraction", "load entropy", "token entropy"]),
+])
+def test_collapse_criteria(kwargs: dict, row: tuple, expected: list[str]) -> None:
+    reasons = RoutingEntropyLogger(**kwargs)._collapse_reasons(*row)
+    assert len(reasons) == len(expected) and all(r.startswith(e) for r, e in zip(reasons, expected, strict=True))

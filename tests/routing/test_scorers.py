@@ -64,7 +64,7 @@ def test_parameter_counts_as_documented() -> None:
 
 def test_attention_scorer_is_a_cosine_over_temperature() -> None:
     torch.manual_seed(0)
-    scorer = AttentionScorer(16, 5, d_key=8, temperature=0.25)
+    scorer = AttentionScorer(16, 5, d_key=8, temperature=0.25, center_input=False)
     x = torch.randn(9, 16)
     logits = scorer(x)
     assert logits.abs().max() <= 4.0 + 1e-5  # |cos| <= 1, over 0.25
@@ -75,7 +75,7 @@ def test_attention_scorer_is_a_cosine_over_temperature() -> None:
 
 def test_hybrid_mixes_its_parts_convexly() -> None:
     torch.manual_seed(0)
-    scorer = HybridScorer(16, 5, linear_weight=0.3, learn_mix=False)
+    scorer = HybridScorer(16, 5, linear_weight=0.3, learn_mix=False, center_input=False)
     x = torch.randn(9, 16)
     torch.testing.assert_close(scorer.mix_weights(), torch.tensor([0.3, 0.7]))
     torch.testing.assert_close(scorer(x), 0.3 * scorer.linear(x) + 0.7 * scorer.attention(x))
@@ -83,7 +83,7 @@ def test_hybrid_mixes_its_parts_convexly() -> None:
 
 def test_mlp_hadamard_formula() -> None:
     torch.manual_seed(0)
-    s = MLPHadamardScorer(16, 5, d_hidden=7, activation="relu")
+    s = MLPHadamardScorer(16, 5, d_hidden=7, activation="relu", center_input=False)
     x = torch.randn(9, 16)
     hidden = torch.relu(s.fc1(x)) * (x @ s.proj_HD.T)
     torch.testing.assert_close(s(x), s.fc2(hidden))
