@@ -72,6 +72,8 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
                 assert (router.expert_bias_E is not None) == value
             elif key == "vocab_size":
                 assert router.expert_of_id_V.numel() == value
+            elif key in ("top_k", "capacity_factor"):  # multiplied by tiny.yaml's fine-grained split
+                assert getattr(router, key) == value * model.hparams["granularity"], key
             else:
                 assert getattr(router, key) == value, key
     if "balancers" in fragment:

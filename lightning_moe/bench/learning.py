@@ -45,17 +45,12 @@ Columns, exactly:
   ``--launcher subprocess`` (the default) it includes the CLI's start-up (imports, 5-15 s), with
   ``--launcher fork`` it does not. Runs in parallel (``--jobs``) slow each other down.
 
-Rows (``ROWS``), all at tiny.yaml's active parameters (top-2 of 8 SwiGLU experts of width 256, so a
-routed width of 512 per token, equal to dense's FFN) unless said. Measured ``model/params_active``,
-read from the TensorBoard of one ``--tiny`` run per row (the same at full size: positions are RoPE,
-and building each row's full-size model gives the same counts), vs dense:
-dense 1,082,496; moe_top2_e8, top1, aux_free_bias, no_balancing and upcycled 1,086,592 (+0.4%: the
-routers' 4 x 8 x 128 weights); moe_top2_e16 1,090,688 (+0.8%); moe_top2_e32 1,098,880 (+1.5%); hash
-1,082,496 (no router weights); fine_grained_shared 1,098,880 (+1.5%: 4 routed experts of width 64
-= 256 plus 4 shared of width 64 = 256, the same 512-wide FFN as moe_top2_e8; the 12,288 more than
-moe_top2_e8's 1,086,592 are exactly its routers' 4 x (32 - 8) x 128 weights over 32 experts);
-attention 1,117,312 (+3.2%), mlp 1,152,672 (+6.5%), hybrid 1,121,416 (+3.6%), mlp_hadamard 1,218,208
-(+12.5%): the learned scorers' extra weights, flagged ``†`` in the table.
+Rows (``ROWS``), all at tiny.yaml's active parameters (a routed width of 512 per token, equal to dense's
+FFN) unless said. ``model/params_active`` as logged, vs dense's 1,082,496: demo, fine_grained_shared,
+aux_free_bias, no_balancing and moe_top2_e32 1,098,880 (+1.5%: the routers' 4 x 32 x 128 weights);
+moe_top2_e8, top1, uncentred and upcycled 1,086,592 (+0.4%); moe_top2_e16 1,090,688 (+0.8%); hash
+1,082,496 (no router weights); attention 1,123,456 (+3.8%), hybrid 1,139,848 (+5.3%), mlp 1,165,056
+(+7.6%), mlp_hadamard 1,230,592 (+13.7%): the learned scorers' own weights, flagged ``†`` in the table.
 
 ``upcycled`` spends the same total steps as the others: a dense run of ``steps / 2``
 (``dense_baseline.yaml``, same seed, run name ``dense_half_s<seed>``), then
@@ -68,9 +63,9 @@ points followed by the upcycled run's, shifted by ``steps / 2``; its final val/l
 1e-3, 20 warm-up steps), and the dense half's cosine schedule ends at ``steps / 2``.
 
     lightning-moe-bench-learning                                   # every row, seed 0, 600 steps
-    lightning-moe-bench-learning --rows dense,moe_top2_e8,top1 --seeds 0,1,2 --jobs 2 --threads 1
+    lightning-moe-bench-learning --rows dense,demo --seeds 0,1,2 --jobs 2 --threads 1
     lightning-moe-bench-learning --data-args='--data.corpus pydoc'  # (with '=': the value starts with --)
-    lightning-moe-bench-learning --tiny --rows dense,moe_top2_e8    # a smoke test: 4 steps, seconds
+    lightning-moe-bench-learning --tiny --rows dense,demo           # a smoke test: 4 steps, seconds
 
 ``--tiny``: 4 steps, validation every 2 steps on 1 batch, ``--model.max_seq_len 32 --data.batch_size 2
 --data.corpus pydoc --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0`` on every run (the

@@ -100,9 +100,10 @@ class Scorer(nn.Module):
 
 
 def _default_centering_state(module: Scorer, state_dict: dict, prefix: str, *args: object) -> None:
-    if module.centering is not None:
-        for name, value in module.centering.state_dict().items():
-            state_dict.setdefault(f"{prefix}centering.{name}", torch.zeros_like(value))
+    for child_name, child in module.named_children():
+        if isinstance(child, InputCentering):
+            for name, value in child.state_dict().items():
+                state_dict.setdefault(f"{prefix}{child_name}.{name}", torch.zeros_like(value))
 
 
 ScorerFactory = Callable[[int, int], Scorer]
@@ -212,6 +213,11 @@ class MLPScorer(Scorer):
         self.activation = activation
         self.fc1 = nn.Linear(d_model, d_hidden)
         self.fc2 = nn.Linear(d_hidden, num_experts)
+        # The non-linearity gives centred inputs a shared mean again (GELU >= -0.17): centre the
+        # features that fc2 scores as well, or one expert starts in most tokens' top-k.
+        self.feature_centering = InputCentering(d_hidden) if center_input else None
+        if center_input:  # a random bias per expert is the very token-independent offset centring removes
+            nn.init.zeros_(self.fc2.bias)
 
     def hidden(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         return _ACTIVATIONS[self.activation](F.linear(x_TD, self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)))
@@ -220,7 +226,13 @@ class MLPScorer(Scorer):
         return [self.fc2.weight, self.fc2.bias]
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
-        return F.linear(self.hidden(x_TD, dtype), self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
+        return self.score_features(self.hidden(x_TD, dtype), dtype)
+
+    def score_features(self, z_TH: Tensor, dtype: torch.dtype) -> Tensor:
+        """``fc2`` of the (centred) hidden features."""
+        if self.feature_centering is not None:
+            z_TH = self.feature_centering(z_TH)
+        return F.linear(z_TH, self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, d_hidden={self.d_hidden}, activation={self.activation!r}"
@@ -254,7 +266,7 @@ class MLPHadamardScorer(MLPScorer):
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         z_TH = self.hidden(x_TD, dtype) * F.linear(x_TD, self.proj_HD.to(dtype))
-        return F.linear(z_TH, self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
+        return self.score_features(z_TH, dtype)
 
 
 class HybridScorer(Scorer):

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-ROWS = ["dense", "moe_top2_e8", "hash", "upcycled"]
+ROWS = ["dense", "demo", "hash", "upcycled"]
 SEEDS = [0, 1]
 COMMON = ["--tiny", "--seeds", ",".join(map(str, SEEDS)), "--jobs", "2", "--threads", "1"]
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_reports_and_reuse(first_run: tuple[Path, subprocess.CompletedProcess]) 
         mean, std = cells[1].split(" ± ")
         assert math.isfinite(float(mean)) and math.isfinite(float(std))
     assert rows["dense"][1] != "-" and rows["dense"][2] == "-"  # dense has no delta against itself
-    assert rows["dense"][5] == "-" and rows["moe_top2_e8"][5].endswith("/4")  # dead-expert layers: MoE rows only
+    assert rows["dense"][5] == "-" and rows["demo"][5].endswith("/4")  # dead-expert layers: MoE rows only
     # Equal active parameters: the MoE rows add at most their routers' 4 x 8 x 128 weights, so no footnote.
     dense_active = int(rows["dense"][3].replace(",", ""))
     for row in ROWS:

@@ -45,7 +45,8 @@ def test_every_scorer_centres_by_default_and_can_opt_out(factory) -> None:  # no
     x = torch.randn(7, 12)
     shifted = x + 5.0 * torch.randn(12)  # the same tokens plus a shared direction
     torch.testing.assert_close(centred(shifted), centred(x), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(raw(x - x.mean(0)), centred(x))
+    if getattr(centred, "feature_centering", None) is None:  # MLP scorers also centre their hidden features
+        torch.testing.assert_close(raw(x - x.mean(0)), centred(x))
     assert not torch.allclose(raw(shifted), raw(x), atol=1e-3)
     assert "centering.running_mean_D" in centred.state_dict() and not any("centering" in k for k in raw.state_dict())
 
@@ -105,3 +106,37 @@ def test_demo_layers_are_balanced_from_the_first_step_and_after_50_steps(one_thr
         optimizer.step()
         schedule.step()
         batch = next(batches)
+
+
+LEARNED_ROUTERS = ["", "routers/sigmoid_bias.yaml", "routers/deepseek_v3.yaml", "routers/group_limited.yaml",
+                   "routers/attention.yaml", "routers/mlp.yaml", "routers/hybrid.yaml", "routers/mlp_hadamard.yaml",
+                   "routers/top1_switch.yaml"]
+
+
+@pytest.fixture(scope="module")
+def text_batch() -> torch.Tensor:
+    from lightning_moe.data import TextDataModule
+
+    data = TextDataModule(corpus="pydoc", seq_len=128, batch_size=16)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))["input_ids"][:, :-1]
+
+
+@pytest.mark.parametrize("fragment", LEARNED_ROUTERS, ids=lambda f: f or "tiny")
+def test_every_learned_router_config_starts_balanced(fragment: str, text_batch: torch.Tensor, one_thread,  # noqa: ANN001
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """At step 0 on real text, no layer of the demo (fine-grained, 8 of 32 experts per token) under any learned
+    router YAML sends 65% of the tokens to one expert (balanced: 25%; without centring 75-93%)."""
+    from pathlib import Path
+
+    from lightning_moe.cli import run_cli
+
+    configs = Path(__file__).resolve().parents[2] / "cli_configs"
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(configs / "tiny.yaml")] + (["--config", str(configs / fragment)] if fragment else [])
+    model = run_cli(args, run=False).model
+    model.train()
+    with torch.no_grad():
+        model.model(text_batch)
+    fractions = _max_token_fraction(model, text_batch)
+    assert max(fractions) < 0.65, fractions
