@@ -96,6 +96,8 @@ ROWS: dict[str, list[str]] = {
     "dense": ["--config", "cli_configs/dense_baseline.yaml"],
     # The demo as shipped (tiny.yaml): 32 fine-grained experts of width 64, 8 per token, centred router.
     "demo": [],
+    # The demo's fine-grained experts routed by the centred linear scorer of the hidden states instead.
+    "linear": ["--config", "cli_configs/routers/linear.yaml"],
     # The default recipe without the fine-grained split: 8 experts of width 256, softmax top-2.
     "moe_top2_e8": ["--model.granularity", "1"],
     # Twice the experts, same width and top-k: more total parameters, the same active ones.

@@ -1,7 +1,8 @@
 """Routers: ``forward(x_TD, token_ids_T=None) -> Routing``. A router is a scorer plus a selection rule.
 
-Scorers (``scorer(d_model, num_experts)``, ``x_TD -> logits_TE``): :class:`LinearScorer`,
-:class:`AttentionScorer`, :class:`MLPScorer`, :class:`HybridScorer`, :class:`MLPHadamardScorer`.
+Scorers (``scorer(d_model, num_experts)``, ``(x_TD, token_ids_T) -> logits_TE``): :class:`LinearScorer`,
+:class:`AttentionScorer`, :class:`MLPScorer`, :class:`HybridScorer`, :class:`MLPHadamardScorer` score
+the (centred) hidden states; :class:`TokenScorer` is a learned table per token id.
 Selection rules, each taking any scorer: :class:`TopKRouter` (softmax or sigmoid, bias, jitter,
 scaling), :class:`GroupLimitedTopKRouter`, :class:`ExpertChoiceRouter`, :class:`BalancedRouter`.
 Parameter-free routers: :class:`HashRouter`, :class:`RandomRouter`.
@@ -21,12 +22,13 @@ from lightning_moe.routing.scorers import (
     MLPScorer,
     Scorer,
     ScorerFactory,
+    TokenScorer,
 )
 from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 
 __all__ = [
     "AttentionScorer", "BalancedRouter", "ExpertCapacity", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
     "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "Routing",
-    "Scorer", "ScorerFactory", "TopKRouter", "drop_over_capacity", "expert_capacity", "greedy_balanced_assignment",
+    "Scorer", "ScorerFactory", "TokenScorer", "TopKRouter", "drop_over_capacity", "expert_capacity", "greedy_balanced_assignment",
     "sinkhorn_log",
 ]

@@ -157,7 +157,7 @@ class BalancedRouter(Router):
         self.scorer = build_scorer(scorer, d_model, num_experts)
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None):
-        logits_TE = self.scorer(x_TD)
+        logits_TE = self.scorer(x_TD, token_ids_T)
         scores_TE = logits_TE.softmax(dim=-1)
         if self.training or self.balance_in_eval:
             if self.method == "greedy":

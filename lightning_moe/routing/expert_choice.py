@@ -63,7 +63,7 @@ class ExpertChoiceRouter(Router):
         return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = self.scorer(x_TD)
+        logits_TE = self.scorer(x_TD, token_ids_T)
         scores_TE = logits_TE.softmax(dim=-1)
         capacity = self.capacity(x_TD.shape[0])
         gates_EC, tokens_EC = scores_TE.T.topk(capacity, dim=-1)

@@ -42,6 +42,7 @@ __all__ = [
     "MLPScorer",
     "Scorer",
     "ScorerFactory",
+    "TokenScorer",
     "build_scorer",
 ]
 
@@ -78,7 +79,8 @@ class Scorer(nn.Module):
     def center_input(self) -> bool:
         return self.centering is not None
 
-    def forward(self, x_TD: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Tensor:
+        """``(T, E)`` logits; ``token_ids_T`` reach scorers that route by token id (:class:`TokenScorer`)."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = x_TD.to(dtype)
@@ -322,3 +324,53 @@ class HybridScorer(Scorer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, learn_mix={self.learn_mix}"
+
+
+class TokenScorer(Scorer):
+    """A learned table of logits per token id: ``logits_TE = W[:, token_ids].T`` (a learned hash).
+
+    Routes each token by its id alone, like :class:`~lightning_moe.routing.HashRouter`, but the
+    table is learned: the language-model loss (through the gates) and the balancers move it, so
+    tokens that should share experts come to share them. On byte-level text this is the router that
+    won our learning benchmark (``benchmarks/BENCHMARKS.md``, "Learned routing"): a token's identity
+    is the strongest routing signal a small model has early in training, and a table keeps a token's
+    experts stable while the hidden states drift (StableMoE's argument for routing by token
+    embedding). Needs the token ids: ``MoETransformer`` passes them to its routers; a router called
+    without them raises. The hidden states are not read.
+
+    Parameters: ``E * V``; a token reads ``E`` of them.
+
+    Args:
+        vocab_size: vocabulary size V, >= 1 (256 for byte tokens; the data module's ``vocab_size``).
+        init_std: standard deviation of the initial table, > 0 (small: near-uniform gates at first).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, vocab_size: int = 256, init_std: float = 0.1) -> None:
+        super().__init__(d_model, num_experts, center_input=False)
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.init_std = check_positive_float("init_std", init_std)
+        self.weight_EV = nn.Parameter(torch.empty(num_experts, vocab_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_EV, std=self.init_std)
+
+    def expert_rows(self) -> list[Tensor]:
+        return [self.weight_EV]
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Tensor:
+        if token_ids_T is None:
+            raise ValueError("TokenScorer routes by token id but the router received none: call the router (or "
+                             "MoELayer) with `token_ids`, as MoETransformer does.")
+        if token_ids_T.shape != x_TD.shape[:1]:
+            raise ValueError(f"`token_ids_T` must have shape ({x_TD.shape[0]},), one id per routed token; got "
+                             f"{tuple(token_ids_T.shape)}.")
+        if token_ids_T.numel() and (int(token_ids_T.min()) < 0 or int(token_ids_T.max()) >= self.vocab_size):
+            raise ValueError(f"Token ids must be in [0, vocab_size={self.vocab_size}); got ids in "
+                             f"[{int(token_ids_T.min())}, {int(token_ids_T.max())}]. Set `vocab_size` to the "
+                             "tokenizer's vocabulary size.")
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        return self.weight_EV.to(dtype).T[token_ids_T]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vocab_size={self.vocab_size}, init_std={self.init_std}"

@@ -97,11 +97,11 @@ class TopKRouter(Router):
         else:
             self.expert_bias_E = None
 
-    def _logits(self, x_TD: Tensor) -> Tensor:
+    def _logits(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Tensor:
         """``(T, E)`` raw logits, with the training-time input jitter."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return self.scorer(x_TD)
+        return self.scorer(x_TD, token_ids_T)
 
     def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
         """``(affinity_TE, scores_TE)``: gate-source scores and normalised scores from the logits."""
@@ -126,7 +126,7 @@ class TopKRouter(Router):
         return logits_TE.is_cuda and fits and unavailable_reason(logits_TE) is None
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = self._logits(x_TD)
+        logits_TE = self._logits(x_TD, token_ids_T)
         if self._use_kernel(logits_TE):
             from lightning_moe.kernels.gating import fused_topk_gating
 

@@ -1,6 +1,7 @@
 """Scorers: shapes, float32 logits, gradients to every parameter, documented parameter counts, bad values."""
 
 import functools
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lightning_moe.routing import (
     LinearScorer,
     MLPHadamardScorer,
     MLPScorer,
+    TokenScorer,
     TopKRouter,
 )
 
@@ -103,3 +105,35 @@ def test_mlp_hadamard_formula() -> None:
 def test_bad_values_name_the_parameter(build, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_token_scorer_is_a_learned_table_per_token_id() -> None:
+    torch.manual_seed(0)
+    scorer = TokenScorer(16, 5, vocab_size=11)
+    assert count(scorer) == 5 * 11 and scorer.expert_rows()[0] is scorer.weight_EV
+    x = torch.randn(7, 16)
+    ids = torch.tensor([3, 0, 10, 3, 7, 7, 1])
+    logits = scorer(x, ids)
+    torch.testing.assert_close(logits, scorer.weight_EV.T[ids])
+    torch.testing.assert_close(scorer(torch.randn(7, 16), ids), logits)  # the hidden states are not read
+    assert scorer(x.double(), ids).dtype == torch.float64
+    router = TopKRouter(16, 5, top_k=2, scorer=partial(TokenScorer, vocab_size=11))
+    r = router(x, ids)
+    assert torch.equal(r.expert_A.view(7, 2)[0].sort().values, r.expert_A.view(7, 2)[3].sort().values)
+    (r.weight_A * torch.randn_like(r.weight_A)).sum().backward()
+    grad = router.scorer.weight_EV.grad
+    assert grad[:, [0, 1, 3, 7, 10]].abs().sum() > 0 and grad[:, [2, 4, 5, 6, 8, 9]].abs().sum() == 0
+
+
+def test_token_scorer_errors_name_the_problem() -> None:
+    scorer = TokenScorer(8, 4, vocab_size=10)
+    with pytest.raises(ValueError, match="routes by token id but the router received none"):
+        scorer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"Token ids must be in \[0, vocab_size=10\); got ids in \[0, 12\]"):
+        scorer(torch.randn(3, 8), torch.tensor([0, 12, 3]))
+    with pytest.raises(ValueError, match=r"`token_ids_T` must have shape \(3,\)"):
+        scorer(torch.randn(3, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="`vocab_size`"):
+        TokenScorer(8, 4, vocab_size=0)
+    with pytest.raises(ValueError, match="`init_std`"):
+        TokenScorer(8, 4, init_std=0.0)
