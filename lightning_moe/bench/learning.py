@@ -94,11 +94,12 @@ from pathlib import Path
 ROWS: dict[str, list[str]] = {
     # Dense SwiGLU FFNs of width 512 = top_k * expert_d_ff: the reference every row is compared with.
     "dense": ["--config", "cli_configs/dense_baseline.yaml"],
-    # The demo as shipped (tiny.yaml): 32 fine-grained experts of width 64, 8 per token, centred router.
+    # The demo as shipped (tiny.yaml): 32 fine-grained experts of width 64, 8 per token, routed by a
+    # learned table per token id (TokenScorer). Rows that set no scorer keep that table.
     "demo": [],
     # The demo's fine-grained experts routed by the centred linear scorer of the hidden states instead.
     "linear": ["--config", "cli_configs/routers/linear.yaml"],
-    # The default recipe without the fine-grained split: 8 experts of width 256, softmax top-2.
+    # Without the fine-grained split: 8 experts of width 256, softmax top-2.
     "moe_top2_e8": ["--model.granularity", "1"],
     # Twice the experts, same width and top-k: more total parameters, the same active ones.
     "moe_top2_e16": ["--model.granularity", "1", "--model.num_experts", "16"],
@@ -109,10 +110,11 @@ ROWS: dict[str, list[str]] = {
     # Switch-style top-1 (gate = the softmax probability) with experts twice as wide: same active params.
     "top1": ["--model.granularity", "1", "--model.router.top_k", "1", "--model.router.renormalize", "false",
              "--model.expert_d_ff", "512"],
-    # The same router before this recipe: no input centring (8 experts of width 256, top-2).
+    # The router before this work: a linear scorer without input centring (8 experts of width 256, top-2).
     "uncentred": ["--model.granularity", "1", "--model.router.init_args.scorer",
                   "{class_path: lightning_moe.routing.LinearScorer, init_args: {center_input: false}}"],
-    # Auxiliary-loss-free balancing: sigmoid scores, a selection bias moved by BiasOffsetUpdater, z-loss only.
+    # Auxiliary-loss-free balancing: sigmoid scores, a selection bias moved by BiasOffsetUpdater, z-loss only
+    # (instead of the Switch loss).
     "aux_free_bias": ["--config", "cli_configs/routers/sigmoid_bias.yaml",
                       "--trainer.callbacks+=cli_configs/callbacks/bias_offset_updater.yaml"],
     # No balancing loss at all (no Switch loss, no z-loss): how far does routing collapse?
