@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import importlib.metadata
 import os
@@ -80,7 +81,7 @@ from torch import Tensor, nn
 from lightning_moe.dispatch import DISPATCHERS
 from lightning_moe.experts import SwiGLU
 from lightning_moe.layers import MoELayer
-from lightning_moe.routing import TopKRouter
+from lightning_moe.routing import LinearScorer, TopKRouter
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ class Skip(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- paths
+
+
+def _router(shape: Shape) -> TopKRouter:
+    # Uncentred, as Mixtral's gate and every alternative here route: their outputs are compared with ours.
+    return TopKRouter(shape.d_model, shape.experts, top_k=shape.top_k,
+                      scorer=functools.partial(LinearScorer, center_input=False))
 
 
 def softmax_topk(x_TD: Tensor, router_ED: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -329,7 +336,7 @@ def build_reference(shape: Shape, device: torch.device, dtype: torch.dtype) -> M
     """Our grouped layer, seed 0: the weights of every MoE path."""
     torch.manual_seed(0)
     layer = MoELayer(shape.d_model, shape.d_ff, shape.experts,
-                     router=TopKRouter(shape.d_model, shape.experts, top_k=shape.top_k), dispatcher="grouped")
+                     router=_router(shape), dispatcher="grouped")
     return layer.to(device=device, dtype=dtype)
 
 
@@ -356,7 +363,7 @@ def build_path(name: str, shape: Shape, reference: MoELayer, device: torch.devic
     if name == "grouped":
         return reference
     layer = MoELayer(shape.d_model, shape.d_ff, shape.experts,
-                     router=TopKRouter(shape.d_model, shape.experts, top_k=shape.top_k), dispatcher=name)
+                     router=_router(shape), dispatcher=name)
     layer = layer.to(device=device, dtype=dtype)
     layer.load_state_dict(reference.state_dict())
     return layer

@@ -29,6 +29,6 @@ from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 __all__ = [
     "AttentionScorer", "BalancedRouter", "ExpertCapacity", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
     "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "Routing",
-    "Scorer", "ScorerFactory", "TokenScorer", "TopKRouter", "drop_over_capacity", "expert_capacity", "greedy_balanced_assignment",
-    "sinkhorn_log",
+    "Scorer", "ScorerFactory", "TokenScorer", "TopKRouter", "drop_over_capacity", "expert_capacity",
+    "greedy_balanced_assignment", "sinkhorn_log",
 ]

@@ -32,7 +32,8 @@ class InputCentering(nn.Module):
     a single token is centred on the running mean (its own mean would erase it). The mean is
     detached: no gradient flows between the tokens of a batch. In training a token's routing sees
     the batch mean, to which each of the batch's T tokens contributes ``1/T`` (T = 2,048 in the
-    demo); validation never does.
+    demo); validation never does. Under data or expert parallelism the mean is over the tokens of
+    every rank (one all-reduce), the same as one process routing the whole batch.
 
     Args:
         d_model: width D of the routed hidden states, >= 1.
@@ -51,7 +52,7 @@ class InputCentering(nn.Module):
     def forward(self, x_TD: Tensor) -> Tensor:
         if not self.training or x_TD.shape[0] < 2:  # one token's own mean would erase it
             return x_TD - self.running_mean_D.to(x_TD.dtype)
-        mean_D = x_TD.detach().mean(dim=0)
+        mean_D = _global_mean(x_TD.detach())
         with torch.no_grad():
             if self.num_batches_tracked == 0:
                 self.running_mean_D.copy_(mean_D)
@@ -62,3 +63,16 @@ class InputCentering(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, momentum={self.MOMENTUM}"
+
+
+def _global_mean(x_TD: Tensor) -> Tensor:
+    """The mean over the tokens of every rank when a process group is up (one all-reduce of D + 1
+    numbers), so routing under DDP or expert parallelism equals one process routing the whole batch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x_TD.mean(dim=0)
+    sum_and_count = torch.cat([x_TD.sum(dim=0, dtype=torch.float64), x_TD.new_full((1,), x_TD.shape[0],
+                                                                                   dtype=torch.float64)])
+    dist.all_reduce(sum_and_count)
+    return (sum_and_count[:-1] / sum_and_count[-1]).to(x_TD.dtype)

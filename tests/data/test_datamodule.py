@@ -48,7 +48,7 @@ def test_other_held_out_plays_and_bad_names() -> None:
     dm = TextDataModule(seq_len=255, val_texts=["macbeth"])
     dm.setup("fit")
     assert ByteTokenizer().decode(dm.val_set[0]["input_ids"].tolist()).startswith("MACBETH")
-    with pytest.raises(ValueError, match=r"`val_texts` must name one or more of the plays .*'hamlet'.*got \['hamlet2'\]"):
+    with pytest.raises(ValueError, match=r"`val_texts` must name one or more of the plays .*'hamlet'.*\['hamlet2'\]"):
         TextDataModule(val_texts=["hamlet2"])
     with pytest.raises(ValueError, match="`corpus` must be one of \\['shakespeare', 'pydoc'\\]"):
         TextDataModule(corpus="bible")

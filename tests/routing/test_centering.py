@@ -112,9 +112,9 @@ def test_layers_are_balanced_from_the_first_step_and_after_50_steps(scorer: str,
         batch = next(batches)
 
 
-LEARNED_ROUTERS = ["", "routers/linear.yaml", "routers/sigmoid_bias.yaml", "routers/deepseek_v3.yaml", "routers/group_limited.yaml",
-                   "routers/attention.yaml", "routers/mlp.yaml", "routers/hybrid.yaml", "routers/mlp_hadamard.yaml",
-                   "routers/top1_switch.yaml"]
+LEARNED_ROUTERS = ["", "routers/linear.yaml", "routers/sigmoid_bias.yaml", "routers/deepseek_v3.yaml",
+                   "routers/group_limited.yaml", "routers/attention.yaml", "routers/mlp.yaml", "routers/hybrid.yaml",
+                   "routers/mlp_hadamard.yaml", "routers/top1_switch.yaml"]
 
 
 @pytest.fixture(scope="module")
