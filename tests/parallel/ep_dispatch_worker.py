@@ -9,6 +9,7 @@ selects within a batch) and averages the per-slice losses, which is the same obj
 """
 
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -18,10 +19,16 @@ import torch.distributed as dist
 
 from lightning_moe.layers import MoELayer
 from lightning_moe.parallel import reduce_expert_gradients, setup_expert_parallel
-from lightning_moe.routing import TopKRouter
+from lightning_moe.routing import LinearScorer, TopKRouter
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
 
 D, F, T = 12, 10, 13  # awkward sizes: T tokens per rank
+
+
+# Uncentred scorers: the reference routes the batch chunk by chunk, and centring would make each chunk's routing
+# depend on the chunk's mean. (Centred routing under expert parallelism averages over every rank's tokens:
+# tests/routing/test_centering.py.)
+UNCENTRED = functools.partial(LinearScorer, center_input=False)
 
 
 def case(name: str, num_experts: int, ep_size: int, router, dispatcher: str, rank: int, world: int,
@@ -74,16 +81,17 @@ def main() -> None:
     torch.set_num_threads(1)
     ep = 2
     results = [
-        case("topk-grouped", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2), "grouped", rank, world),
-        case("topk-loop", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2), "loop", rank, world),
-        case("expert-choice", 4, ep, lambda d, e: ExpertChoiceRouter(d, e, capacity_factor=2.0), "grouped", rank,
-             world),
+        case("topk-grouped", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2, scorer=UNCENTRED), "grouped", rank, world),
+        case("topk-loop", 6, ep, lambda d, e: TopKRouter(d, e, top_k=2, scorer=UNCENTRED), "loop", rank, world),
+        case("expert-choice", 4, ep, lambda d, e: ExpertChoiceRouter(d, e, capacity_factor=2.0, scorer=UNCENTRED),
+             "grouped", rank, world),
         # Every token to experts 0 and 1, both on the first rank: the second receives nothing.
-        case("one-sided", 4, ep, lambda d, e: TopKRouter(d, e, top_k=2, expert_bias=True), "grouped", rank, world,
-             bias=[100.0, 100.0, 0.0, 0.0]),
+        case("one-sided", 4, ep, lambda d, e: TopKRouter(d, e, top_k=2, expert_bias=True, scorer=UNCENTRED),
+             "grouped", rank, world, bias=[100.0, 100.0, 0.0, 0.0]),
     ]
     if world % 4 == 0:
-        results.append(case("topk-ep4", 8, 4, lambda d, e: TopKRouter(d, e, top_k=3), "grouped", rank, world))
+        results.append(case("topk-ep4", 8, 4, lambda d, e: TopKRouter(d, e, top_k=3, scorer=UNCENTRED), "grouped",
+                            rank, world))
     torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
