@@ -159,7 +159,7 @@ def test_scheduled_bias_rate_from_the_command_line(monkeypatch: pytest.MonkeyPat
 def test_scorer_chosen_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config",
                   str(CONFIGS / "routers" / "attention.yaml"), "--model.router.scorer.temperature", "0.3",
-                  "--model.router.top_k", "3")
+                  "--model.router.top_k", "3", "--model.granularity", "1")
     router = model.model.moe_layers()[0].router
     assert (type(router.scorer).__name__, router.scorer.temperature, router.top_k) == ("AttentionScorer", 0.3, 3)
 
@@ -185,7 +185,7 @@ def test_bad_router_values_are_usage_errors(args: list[str], message: str, capsy
 def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"),
                   "--model.router.top_k", "1", "--model.router.renormalize", "false", "--model.dispatcher", "loop",
-                  "--model.num_experts", "6")
+                  "--model.num_experts", "6", "--model.granularity", "1")
     layer = model.model.moe_layers()[0]
     assert (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher) == (1, False, 6, "loop")
 
@@ -222,7 +222,7 @@ def test_yaml_typo_gives_the_cli_message(capsys: pytest.CaptureFixture, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["--data.data_files", "nothere.txt"], "`data_files`: no such file 'nothere.txt'"),
-    (["--model.router.top_k", "9"], r"`top_k` must be an integer in [1, 8], got 9"),
+    (["--model.router.top_k", "9", "--model.granularity", "1"], r"`top_k` must be an integer in [1, 8], got 9"),
     (["--model.d_model", "0"], "`d_model` must be an integer >= 1, got 0"),
 ])
 def test_bad_values_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture,

@@ -83,7 +83,8 @@ def test_train_routers_changes_only_the_routers_with_every_callback(tmp_path: Pa
     fit(module, 3, callbacks, logger)
 
     diff = changed(before, module)
-    assert diff == router_params | {n for n in before if n.endswith("expert_bias_E")}
+    buffers = ("expert_bias_E", "running_mean_D", "num_batches_tracked")  # bias offsets, centring
+    assert diff == router_params | {n for n in before if n.endswith(buffers)}
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lm_loss", "train/aux_loss", "routing/layer0/token_entropy",
@@ -111,7 +112,8 @@ def test_train_lora_changes_only_adapters_and_routers() -> None:
     fit(module, 3)
     diff = changed(before, module)
     assert routers <= diff and {n for n in lora if "lora_B" in n} <= diff
-    assert diff <= lora | routers  # base weights, experts included, are bit-identical
+    centring = {n for n in before if n.endswith(("running_mean_D", "num_batches_tracked"))}  # the routers' buffers
+    assert diff <= lora | routers | centring  # base weights, experts included, are bit-identical
     assert len(find_moe_layers(module)) == 2
 
 

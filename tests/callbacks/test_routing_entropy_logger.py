@@ -286,8 +286,8 @@ def test_model_without_moe_layers_is_a_clear_error(tmp_path: Path) -> None:
 class CollapsingRouter(TopKRouter):
     """Top-k whose logits favour expert 0 by +10 for every token: it is in every token's top-k."""
 
-    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = super()._logits(x_TD)
+    def _logits(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> torch.Tensor:
+        logits_TE = super()._logits(x_TD, token_ids_T)
         return logits_TE + torch.nn.functional.one_hot(torch.tensor(0), self.num_experts).to(logits_TE) * 10.0
 
 

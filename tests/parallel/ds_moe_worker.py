@@ -7,6 +7,7 @@ checkpoint. ``torchrun --nproc_per_node 2 ds_moe_worker.py ep OUTDIR``: ``ep_siz
 the ``ep_size=1`` layer in the same process, and the engine's gradient reduction.
 """
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from lightning_moe.balancing import SequenceAuxLoss, SwitchAuxLoss, ZLoss  # noqa: E402
 from lightning_moe.parallel.deepspeed_moe import DeepSpeedMoELayer  # noqa: E402
-from lightning_moe.routing import TopKRouter  # noqa: E402
+from lightning_moe.routing import LinearScorer, TopKRouter  # noqa: E402
 
 D, F, E, T = 12, 10, 4, 13  # awkward sizes; T tokens per rank
 
@@ -34,7 +35,9 @@ def expert_weights(seed: int) -> list[dict[str, torch.Tensor]]:
 
 def build(router_kwargs: dict, bias: list[float] | None = None, **layer_kwargs) -> DeepSpeedMoELayer:
     torch.manual_seed(0)
-    layer = DeepSpeedMoELayer(D, F, E, router=TopKRouter(D, E, **router_kwargs), **layer_kwargs)
+    # Uncentred: the single-process reference routes other batches than each rank's.
+    router = TopKRouter(D, E, scorer=functools.partial(LinearScorer, center_input=False), **router_kwargs)
+    layer = DeepSpeedMoELayer(D, F, E, router=router, **layer_kwargs)
     if bias is not None:
         layer.router.expert_bias_E.copy_(torch.tensor(bias))
     return layer
