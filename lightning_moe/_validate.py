@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def check_positive_int(name: str, value: int) -> int:
@@ -43,3 +47,10 @@ def check_non_negative_int(name: str, value: int) -> int:
 def divisors(n: int) -> list[int]:
     """The divisors of ``n`` >= 1, ascending: the valid values that error messages list."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_token_ids(token_ids: Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (routers that index a table by id)."""
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
+        raise ValueError(f"Token ids must be in [0, vocab_size={vocab_size}); got ids in [{int(token_ids.min())}, "
+                         f"{int(token_ids.max())}]. Set `vocab_size` to the tokenizer's vocabulary size.")

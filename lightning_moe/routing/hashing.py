@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe._validate import check_positive_int
+from lightning_moe._validate import check_positive_int, check_token_ids
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import token_choice_routing
 
@@ -103,8 +103,7 @@ class HashRouter(Router):
         ids = token_ids_T.reshape(-1).long()
         if self.expert_of_id_V is None:
             return (ids * 2654435761) % (2**32) % self.num_experts
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"Token ids must be in [0, {self.vocab_size - 1}] (`vocab_size`={self.vocab_size}).")
+        check_token_ids(ids, self.vocab_size)
         return self.expert_of_id_V[ids]
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_positive_float, check_positive_int
+from lightning_moe._validate import check_positive_float, check_positive_int, check_token_ids
 from lightning_moe.routing.centering import InputCentering
 
 __all__ = [
@@ -365,10 +365,7 @@ class TokenScorer(Scorer):
         if token_ids_T.shape != x_TD.shape[:1]:
             raise ValueError(f"`token_ids_T` must have shape ({x_TD.shape[0]},), one id per routed token; got "
                              f"{tuple(token_ids_T.shape)}.")
-        if token_ids_T.numel() and (int(token_ids_T.min()) < 0 or int(token_ids_T.max()) >= self.vocab_size):
-            raise ValueError(f"Token ids must be in [0, vocab_size={self.vocab_size}); got ids in "
-                             f"[{int(token_ids_T.min())}, {int(token_ids_T.max())}]. Set `vocab_size` to the "
-                             "tokenizer's vocabulary size.")
+        check_token_ids(token_ids_T, self.vocab_size)
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         return self.weight_EV.to(dtype).T[token_ids_T]
 
