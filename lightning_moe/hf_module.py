@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_positive_float, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.discovery import find_moe_layers
-from lightning_moe.integrations.hf_routers import RouterFactory, RouterGate, swap_routers
+from lightning_moe.integrations.hf_routers import RouterGate, swap_routers
 from lightning_moe.module import is_plain, log_sizes_once, log_training_losses
 from lightning_moe.routing.capacity import ExpertCapacity
+from lightning_moe.routing.factory import RouterFactory
 
 TRAIN_MODES = ("all", "routers", "lora")
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_moe._validate import check_non_negative
 from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
-from lightning_moe.models.transformer import MoETransformer, RouterFactory
+from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.optim import WarmupCosineLR
 from lightning_moe.parallel import (
     check_expert_parallel_size,
@@ -27,6 +27,7 @@ from lightning_moe.parallel import (
     slice_expert_optimizer_state,
 )
 from lightning_moe.routing.capacity import ExpertCapacity
+from lightning_moe.routing.factory import RouterFactory
 from lightning_moe.routing.topk import TopKRouter
 
 

@@ -53,8 +53,9 @@ from lightning_moe.balancing.losses import Balancer
 from lightning_moe.experts.mlp import MLPExperts
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.moe_layer import MoELayer
-from lightning_moe.models.transformer import MoETransformer, RouterFactory, build_router
+from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.routing.capacity import ExpertCapacity
+from lightning_moe.routing.factory import RouterFactory, build_router
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import TopKRouter
 

@@ -46,8 +46,8 @@ from lightning_moe.integrations.hf import (
 )
 from lightning_moe.layers.moe_layer import route
 from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.models.transformer import RouterFactory
 from lightning_moe.routing.capacity import ExpertCapacity
+from lightning_moe.routing.factory import RouterFactory
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import LinearScorer
 from lightning_moe.routing.topk import TopKRouter

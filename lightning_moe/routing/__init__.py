@@ -12,6 +12,7 @@ Capacity limits with token dropping: :class:`ExpertCapacity` (``MoELayer(capacit
 from lightning_moe.routing.balanced import BalancedRouter, greedy_balanced_assignment, sinkhorn_log
 from lightning_moe.routing.capacity import ExpertCapacity, drop_over_capacity, expert_capacity
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
+from lightning_moe.routing.factory import RouterFactory, build_router
 from lightning_moe.routing.hashing import HashRouter, RandomRouter
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.scorers import (
@@ -28,7 +29,8 @@ from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 
 __all__ = [
     "AttentionScorer", "BalancedRouter", "ExpertCapacity", "ExpertChoiceRouter", "GroupLimitedTopKRouter", "HashRouter",
-    "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "Routing",
-    "Scorer", "ScorerFactory", "TokenScorer", "TopKRouter", "drop_over_capacity", "expert_capacity",
+    "HybridScorer", "LinearScorer", "MLPHadamardScorer", "MLPScorer", "RandomRouter", "Router", "RouterFactory",
+    "Routing", "Scorer", "ScorerFactory", "TokenScorer", "TopKRouter", "build_router", "drop_over_capacity",
+    "expert_capacity",
     "greedy_balanced_assignment", "sinkhorn_log",
 ]
