@@ -3,9 +3,8 @@
 Legend: ``T`` tokens, ``D`` model width, ``E`` routed experts, ``K`` experts per token,
 ``A`` assignments (``T * K``; these blocks are dropless).
 
-Importing this module registers :func:`hf_moe_view` with
-:func:`~lightning_moe.discovery.register_moe_adapter`; :func:`~lightning_moe.discovery.find_moe_layers`
-imports it automatically when ``transformers`` is installed. Nothing here imports
+:func:`~lightning_moe.discovery.find_moe_layers` registers :func:`hf_moe_view` as an adapter when
+``transformers`` is installed (discovery imports this module, never the other way round). Nothing here imports
 ``transformers``: blocks are matched by class name (the block's class or one of its base
 classes) and by structure, so the adapters survive other ``transformers`` versions.
 
@@ -62,8 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
-from lightning_moe.discovery import MoELayerView, register_moe_adapter
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.layers.view import MoELayerView
 from lightning_moe.routing.routing import Router
 
 __all__ = [
@@ -388,7 +387,6 @@ def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
     return view_cls(name, module, num_experts)
 
 
-register_moe_adapter(hf_moe_view)
 
 
 def _fused_expert_tensors(experts: nn.Module, num_experts: int) -> list[Tensor]:

@@ -1,0 +1,119 @@
+"""The view of one MoE layer that callbacks read: discovery returns one per layer, adapters subclass it.
+
+Legend: ``T`` tokens, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.balancing.losses import Balancer
+from lightning_moe.layers.stats import RoutingStats
+
+
+class MoELayerView:
+    """One MoE layer as callbacks see it; subclasses adapt a layer family.
+
+    Attributes:
+        name: the layer's qualified name in the model searched (``named_modules`` order).
+        module: the layer itself.
+        num_experts: E.
+    """
+
+    family: str = "moe"
+
+    def __init__(self, name: str, module: nn.Module, num_experts: int) -> None:
+        self.name = name
+        self.module = module
+        self.num_experts = num_experts
+
+    # The layer is held weakly: discovery caches views in a WeakKeyDictionary keyed by the layer,
+    # and a strong reference from the value would keep every model ever searched alive.
+    @property
+    def module(self) -> nn.Module:
+        module = self._module_ref()
+        if module is None:
+            raise ReferenceError(f"The MoE layer {self.name!r} of this view no longer exists.")
+        return module
+
+    @module.setter
+    def module(self, module: nn.Module) -> None:
+        self._module_ref = weakref.ref(module)
+
+    # A view reachable from its model (through a forward hook) is copied with it by deepcopy and
+    # pickle; the copy then refers to the copied layer.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_module_ref"] = self._module_ref()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        module = state.pop("_module_ref")
+        self.__dict__.update(state)
+        self._module_ref = weakref.ref(module) if module is not None else _no_module
+
+    @property
+    def stats(self) -> RoutingStats | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return {}
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return []
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return None
+
+    def expert_tensors(self) -> list[Tensor]:
+        """Expert weights whose first dimension indexes experts (fused layouts)."""
+        return []
+
+    def router_rows(self) -> list[Tensor]:
+        """Router parameters whose first dimension indexes experts."""
+        return []
+
+    @torch.no_grad()
+    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
+               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
+        """Re-initialise each ``dead[i]`` expert as a copy of ``sources[i]`` plus noise.
+
+        The expert's weights and its router row become the source's, each perturbed by Gaussian
+        noise of standard deviation ``noise`` times the source row's standard deviation (so the
+        two experts split the source's tokens and then drift apart); the bias offset, where there
+        is one, becomes the source's. Noise is drawn on the CPU from ``generator``, so ranks that
+        pass equally seeded generators make identical changes. Returns ``(tensor, rows)`` for every
+        tensor changed (``rows`` the first-dimension indices changed, ``None`` for the whole
+        tensor), so a caller can reset their optimizer state.
+        """
+        if len(dead) != len(sources):
+            raise ValueError(f"`dead` ({len(dead)}) and `sources` ({len(sources)}) must have the same length.")
+        tensors = [*self.expert_tensors(), *self.router_rows()]
+        for dst, src in zip(dead, sources, strict=True):
+            for tensor in tensors:
+                row = tensor[src]
+                scale = row.float().std() if row.numel() > 1 else row.float().abs()
+                eps = torch.randn(row.shape, generator=generator, dtype=torch.float32)
+                tensor[dst] = (row.float() + noise * scale * eps.to(row.device)).to(tensor.dtype)
+        changed: list[tuple[Tensor, list[int] | None]] = [(t, list(dead)) for t in tensors]
+        bias = self.expert_bias
+        if bias is not None:
+            for dst, src in zip(dead, sources, strict=True):
+                bias[dst] = bias[src]
+            changed.append((bias, list(dead)))
+        return changed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, num_experts={self.num_experts})"
+
+
+def _no_module() -> None:
+    return None
