@@ -58,7 +58,7 @@ def main() -> None:
 
     def dispatch_only() -> None:
         layer.zero_grad(set_to_none=True)
-        layer._dispatch(x, routing, layer.experts).backward(grad)
+        layer.dispatcher(x, routing, layer.experts).backward(grad)
 
     def router_only() -> None:
         layer.router(x)

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from lightning_moe import MoELayer, TopKRouter
-from lightning_moe.dispatch.fused import fallback_reason
+from lightning_moe.dispatch.triton import fallback_reason
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)

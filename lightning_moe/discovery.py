@@ -29,18 +29,21 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
-from lightning_moe.layers.moe_layer import MoELayer
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.layers.view import MoELayerView
 
 
-class LightningMoEView(MoELayerView):
-    """View of our :class:`~lightning_moe.layers.MoELayer`."""
+class RecorderView(MoELayerView):
+    """The view of every module that records its own routing
+    (:class:`~lightning_moe.layers.RoutingRecorder`: :class:`~lightning_moe.layers.MoELayer`,
+    ``DeepSpeedMoELayer``): stats, losses, balancers, bias offsets and router rows read from the
+    module; expert tensors from its ``expert_parameters()`` when it has grouped expert weights.
+    ``family`` is the module's ``view_family``."""
 
-    family = "lightning_moe"
-
-    def __init__(self, name: str, module: MoELayer) -> None:
+    def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__(name, module, module.num_experts)
+        self.family = module.view_family
 
     @property
     def stats(self) -> RoutingStats | None:
@@ -58,43 +61,42 @@ class LightningMoEView(MoELayerView):
     def expert_bias(self) -> Tensor | None:
         return getattr(self.module.router, "expert_bias_E", None)
 
+    def router_rows(self) -> list[Tensor]:
+        scorer = getattr(self.module.router, "scorer", None)
+        return scorer.expert_rows() if scorer is not None else []
+
     def expert_tensors(self) -> list[Tensor]:
-        # Every experts module stores grouped weights whose dim 0 indexes experts (SwiGLU: w_gate,
-        # w_up, w_out; MLP experts also their biases). Under expert parallelism, during `revive`,
-        # the whole tensors gathered from the group.
-        whole = getattr(self, "_whole_experts", None)
-        if whole is not None:
-            return whole
-        return [p for p in self.module.experts.parameters() if p.dim() >= 1 and p.shape[0] == self.num_experts]
+        # Grouped expert weights whose dim 0 indexes experts (SwiGLU: w_gate, w_up, w_out; MLP experts
+        # also their biases); under expert parallelism this rank's rows.
+        expert_parameters = getattr(self.module, "expert_parameters", None)
+        return [] if expert_parameters is None else [p for _, p in expert_parameters()]
 
     @torch.no_grad()
     def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
                generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
-        groups = self.module.expert_parallel
-        if groups is None:
+        module = self.module
+        if getattr(module, "expert_parameters", None) is None:
+            raise NotImplementedError(
+                f"{self.name}: DeadExpertDetector(action='revive') does not support {type(module).__name__} (its "
+                "experts are not grouped tensors); use action='warn' or 'raise', or MoELayer.")
+        rows = module.expert_rows
+        if rows == slice(0, self.num_experts):
             return super().revive(dead, sources, noise, generator)
         # Expert parallelism: a dead expert and its source may sit on different ranks. Every rank of the
-        # group gathers the whole tensors, revives them identically (same loads, same seeded noise) and
-        # keeps its own rows.
-        from lightning_moe.parallel.expert_parallel import expert_parameters, gather_experts
-
-        shards = [p for _, p in expert_parameters(self.module)]
-        whole = [gather_experts(shard, groups) for shard in shards]
-        self._whole_experts = whole
-        try:
-            changed = super().revive(dead, sources, noise, generator)
-        finally:
-            self._whole_experts = None
-        rows = groups.rows(self.num_experts)
+        # group gathers the whole tensors (a collective of the layer's dispatcher), revives them
+        # identically (same loads, same seeded noise) and keeps its own rows.
+        shards = self.expert_tensors()
+        whole = [module.dispatcher.gather_experts(shard) for shard in shards]
+        changed = self._revive(whole, dead, sources, noise, generator)
         for shard, tensor in zip(shards, whole, strict=True):
             shard.copy_(tensor[rows])
         mine = [d - rows.start for d in dead if rows.start <= d < rows.stop]
         replaced = {id(t): s for t, s in zip(whole, shards, strict=True)}
-        return [(replaced[id(t)], mine) if id(t) in replaced else (t, rows) for t, rows in changed]
+        return [(replaced[id(t)], mine) if id(t) in replaced else (t, changed_rows) for t, changed_rows in changed]
 
-    def router_rows(self) -> list[Tensor]:
-        scorer = getattr(self.module.router, "scorer", None)
-        return scorer.expert_rows() if scorer is not None else []
+
+LightningMoEView = RecorderView
+"""The view of our :class:`~lightning_moe.layers.MoELayer` (the name before recorders shared one view)."""
 
 
 ViewFactory = Callable[[str, nn.Module], "MoELayerView | None"]
@@ -113,11 +115,12 @@ def register_moe_adapter(factory: ViewFactory) -> ViewFactory:
     return factory
 
 
-def _our_layer(name: str, module: nn.Module) -> MoELayerView | None:
-    return LightningMoEView(name, module) if isinstance(module, MoELayer) else None
+def _recorder(name: str, module: nn.Module) -> MoELayerView | None:
+    return RecorderView(name, module) if isinstance(module, RoutingRecorder) and isinstance(module, nn.Module) \
+        else None
 
 
-register_moe_adapter(_our_layer)
+register_moe_adapter(_recorder)
 
 
 def forget_view(module: nn.Module) -> MoELayerView | None:

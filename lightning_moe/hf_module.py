@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_positive_float, check_positive_int
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.discovery import find_moe_layers
-from lightning_moe.integrations.hf_routers import RouterGate, swap_routers
+from lightning_moe.integrations.hf_routers import swap_routers
+from lightning_moe.layers.record import total_aux_losses
 from lightning_moe.module import is_plain, log_sizes_once, log_training_losses
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.factory import RouterFactory
@@ -132,11 +133,7 @@ class HFMoEFineTune(L.LightningModule):
 
     def _aux_losses(self, out: Any) -> dict[str, Tensor]:
         """Our routers' aux losses summed over layers, or the model's own (``router=None``)."""
-        aux: dict[str, Tensor] = {}
-        for module in self.model.modules():
-            if isinstance(module, RouterGate):
-                for name, value in module.aux_losses.items():
-                    aux[name] = aux[name] + value if name in aux else value
+        aux = total_aux_losses(self.model)
         hf_aux = getattr(out, "aux_loss", None)
         if not self.swapped and isinstance(hf_aux, Tensor):
             aux["hf_aux_loss"] = float(getattr(self.model.config, "router_aux_loss_coef", 1.0)) * hf_aux

@@ -1,8 +1,13 @@
-"""Dispatchers: ``dispatch(x_TD, routing, experts) -> y_TD``; backends compute the same function."""
+"""Dispatchers: ``dispatcher(x_TD, routing, experts) -> y_TD`` in three named steps (permute, compute,
+combine); backends compute the same function, ``loop`` is the reference. A registry maps names to
+backends (:func:`register_dispatcher`)."""
 
-from lightning_moe.dispatch.backends import DISPATCHERS, Dispatcher, get_dispatcher, loop_dispatch
-from lightning_moe.dispatch.fused import triton_dispatch
-from lightning_moe.dispatch.grouped import GroupedSwiGLU, grouped_dispatch
+from lightning_moe.dispatch.base import Dispatcher, Plan
+from lightning_moe.dispatch.grouped import GroupedDispatcher, GroupedSwiGLU, grouped_dispatch
+from lightning_moe.dispatch.loop import LoopDispatcher, loop_dispatch
+from lightning_moe.dispatch.registry import DISPATCHERS, get_dispatcher, register_dispatcher
+from lightning_moe.dispatch.triton import TritonDispatcher, fallback_reason, triton_dispatch
 
-__all__ = ["DISPATCHERS", "Dispatcher", "GroupedSwiGLU", "get_dispatcher", "grouped_dispatch", "loop_dispatch",
-           "triton_dispatch"]
+__all__ = ["DISPATCHERS", "Dispatcher", "GroupedDispatcher", "GroupedSwiGLU", "LoopDispatcher", "Plan",
+           "TritonDispatcher", "fallback_reason", "get_dispatcher", "grouped_dispatch", "loop_dispatch",
+           "register_dispatcher", "triton_dispatch"]

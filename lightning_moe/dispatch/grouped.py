@@ -18,17 +18,13 @@ SwiGLU of width K*F saves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_moe.experts.swiglu import SwiGLUExperts
+from lightning_moe.dispatch.base import Dispatcher, Plan
+from lightning_moe.experts.protocol import Experts, swiglu_weights
 from lightning_moe.routing.routing import Routing
-
-if TYPE_CHECKING:
-    from lightning_moe.dispatch.backends import Experts
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -107,21 +103,33 @@ def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
     return slices
 
 
-def grouped_dispatch(x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+class GroupedDispatcher(Dispatcher):
     """Sort assignments by expert, then per-expert matmuls on contiguous slices.
 
-    SwiGLU experts run as :class:`GroupedSwiGLU` (hand-written backward, no ``(A, D)`` tensor);
-    other experts through their ``grouped_forward`` on one gather and one scatter-add. The one
-    host sync is reading the per-expert counts, which the slices need.
+    Experts that offer their fused SwiGLU form run as :class:`GroupedSwiGLU` (hand-written
+    backward); called whole, permute, compute and combine are that one function and no ``(A, D)``
+    tensor is made. Other experts run through their ``grouped_forward`` between one gather and one
+    scatter-add. The one host sync is reading the per-expert counts, which the slices need.
     """
-    order_A = torch.argsort(routing.expert_A, stable=True)
-    token_A = routing.token_A[order_A]
-    counts = routing.tokens_per_expert().tolist()
-    if isinstance(experts, SwiGLUExperts):
+
+    name = "grouped"
+
+    def compute(self, x_AD: Tensor, plan: Plan, experts: Experts) -> Tensor:
+        weights = swiglu_weights(experts)
+        if weights is None:
+            return experts.grouped_forward(x_AD, plan.counts())
+        rows_A = torch.arange(x_AD.shape[0], device=x_AD.device)
+        return GroupedSwiGLU.apply(x_AD, x_AD.new_ones(x_AD.shape[0]), rows_A, plan.counts(), *weights)
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+        weights = swiglu_weights(experts)
+        if weights is None:
+            return super().__call__(x_TD, routing, experts)
+        order_A = torch.argsort(routing.expert_A, stable=True)
+        counts = routing.tokens_per_expert().tolist()
         weight_A = routing.weight_A[order_A].to(x_TD.dtype)
-        return GroupedSwiGLU.apply(x_TD, weight_A, token_A, counts, experts.w_gate_EDF, experts.w_up_EDF,
-                                   experts.w_out_EFD)
-    x_AD = x_TD.index_select(0, token_A)  # (A, D), tokens in expert order
-    out_AD = experts.grouped_forward(x_AD, counts)
-    weighted_AD = out_AD * routing.weight_A[order_A].unsqueeze(-1).to(out_AD.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_A, weighted_AD.to(x_TD.dtype))
+        return GroupedSwiGLU.apply(x_TD, weight_A, routing.token_A[order_A], counts, *weights)
+
+
+grouped_dispatch = GroupedDispatcher()
+"""A shared ``grouped`` dispatcher: ``grouped_dispatch(x_TD, routing, experts) -> y_TD``."""

@@ -4,10 +4,10 @@ Legend: ``N`` rows (tokens) given to one expert, ``A`` rows of all experts sorte
 ``D`` model width, ``E`` experts, ``F`` expert hidden width.
 
 These are the experts a GELU FFN with biases (``act(x W_in + b_in) W_out + b_out``) is upcycled
-into. They follow the :class:`~lightning_moe.dispatch.backends.Experts` protocol, so the
-``loop`` and ``grouped`` dispatchers run them (``grouped`` through :meth:`grouped_forward`; its
-hand-written fast path is for :class:`~lightning_moe.experts.SwiGLUExperts` only), and
-``triton`` falls back to ``grouped`` with a warning.
+into. They follow the :class:`~lightning_moe.experts.Experts` protocol, so the ``loop`` and
+``grouped`` dispatchers run them (``grouped`` through :meth:`grouped_forward`); they do not offer
+the fused SwiGLU form (:class:`~lightning_moe.experts.FusedSwiGLU`) the hand-written fast paths
+run, so ``triton`` falls back to ``grouped`` with a warning.
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ class SwiGLUExperts(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[1])  # fan-in: D for gate/up, F for out
             nn.init.uniform_(weight, -bound, bound)
 
+    def swiglu_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused form the fast dispatchers run (:class:`~lightning_moe.experts.FusedSwiGLU`)."""
+        return self.w_gate_EDF, self.w_up_EDF, self.w_out_EFD
+
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Run one expert on ``x_ND``; the readable path used by the ``loop`` dispatcher."""
         return swiglu(x_ND, self.w_gate_EDF[expert], self.w_up_EDF[expert], self.w_out_EFD[expert])

@@ -6,18 +6,19 @@ Legend: ``T`` tokens (leading dimensions flattened), ``D`` model width, ``E`` ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_non_negative_int, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer, check_balancers
-from lightning_moe.dispatch.backends import get_dispatcher
+from lightning_moe.dispatch.base import Dispatcher
+from lightning_moe.dispatch.registry import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.parallel.expert_parallel import expert_parallel_dispatch, slice_expert_state_dict
-from lightning_moe.parallel.groups import ExpertParallelGroups
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
@@ -37,7 +38,7 @@ def route(router: Router, x: Tensor, capacity: ExpertCapacity | None, training: 
     return routing if capacity is None else capacity(routing, training)
 
 
-class MoELayer(nn.Module):
+class MoELayer(RoutingRecorder, nn.Module):
     """Router -> dispatch -> experts -> gated combine, plus optional shared experts.
 
     With ``shared_d_ff > 0`` every token also passes through a dense SwiGLU of that width (the
@@ -47,8 +48,9 @@ class MoELayer(nn.Module):
     ``shared_expert_gate``, one ``(1, D)`` weight); without it (DeepSeek) it is added as is.
 
     After each forward the layer holds ``aux_losses`` (``{balancer.name: loss}``, tensors with
-    grad, to be added to the training loss) and ``stats`` (a detached :class:`RoutingStats`).
-    Both are overwritten by the next forward; nothing is stored anywhere else.
+    grad, to be added to the training loss) and ``stats`` (a detached :class:`RoutingStats`), as
+    every :class:`~lightning_moe.layers.RoutingRecorder` does. Both are overwritten by the next
+    forward; nothing is stored anywhere else.
 
     Args:
         d_model: model width D, >= 1.
@@ -57,7 +59,10 @@ class MoELayer(nn.Module):
         router: the router; its ``d_model`` and ``num_experts`` must match. Defaults to
             ``TopKRouter(d_model, num_experts, top_k=2)``.
         balancers: auxiliary losses computed from each routing decision (none by default).
-        dispatcher: dispatch backend name, one of ``lightning_moe.dispatch.DISPATCHERS``.
+        dispatcher: a registered dispatch backend's name (``lightning_moe.dispatch.DISPATCHERS``:
+            ``grouped``, ``triton``, ``loop`` and any added by ``register_dispatcher``), or a
+            :class:`~lightning_moe.dispatch.Dispatcher`. ``layer.dispatcher`` is the object; assigning
+            a name or an object replaces the backend (under expert parallelism, the local one).
         capacity: expert capacity limits (:class:`~lightning_moe.routing.ExpertCapacity`);
             ``None`` (the default) is dropless. Tokens whose every assignment is dropped come out
             as zeros, i.e. unchanged through the block's residual connection.
@@ -66,14 +71,16 @@ class MoELayer(nn.Module):
             (needs ``shared_d_ff > 0``).
         experts: experts factory called as ``experts(d_model, d_ff, num_experts)``; SwiGLU
             (:class:`~lightning_moe.experts.SwiGLUExperts`) by default. Any module with the
-            dispatchers' ``Experts`` protocol (``expert_forward``, ``grouped_forward``) works;
-            ``grouped`` and ``triton`` have their fused paths for SwiGLU experts only.
+            :class:`~lightning_moe.experts.Experts` protocol (``expert_forward``,
+            ``grouped_forward``) works; ``grouped`` and ``triton`` have fused paths for experts that
+            offer ``swiglu_weights()`` (:class:`~lightning_moe.experts.FusedSwiGLU`).
         expert_parallel_size: ranks the experts are split over (P), >= 1, dividing
             ``num_experts``. With P > 1 the layer is built whole (the same weights as with P = 1
             for the same seed) and keeps only its ``E / P`` experts once
             :func:`~lightning_moe.parallel.setup_expert_parallel` runs on every rank
-            (``MoELanguageModel.setup`` calls it); tokens then reach their experts by all-to-all,
-            dropless, and ``dispatcher`` runs the local experts. Until then it computes locally.
+            (``MoELanguageModel.setup`` calls it): it calls :meth:`shard` with an expert-parallel
+            dispatcher, so tokens reach their experts by all-to-all, dropless, and ``dispatcher``
+            runs the local experts. Until then it computes locally.
 
     Under expert parallelism ``exchange`` holds, after each forward, the rows sent to and received
     from each rank of the group (``sent_rows``, ``received_rows``).
@@ -112,25 +119,76 @@ class MoELayer(nn.Module):
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.balancers = check_balancers(balancers, num_experts)
         self.capacity = capacity
-        self.dispatcher = dispatcher
-        self._dispatch = get_dispatcher(dispatcher)
+        self._dispatcher = get_dispatcher(dispatcher)
         self.expert_parallel_size = check_positive_int("expert_parallel_size", expert_parallel_size)
         if num_experts % expert_parallel_size:
             raise ValueError(
                 f"`expert_parallel_size`={expert_parallel_size} must divide `num_experts`={num_experts}; valid values "
                 f"are {divisors(num_experts)}."
             )
-        self._expert_parallel: ExpertParallelGroups | None = None
-        self.exchange: dict[str, list[int]] = {}
-        self.register_load_state_dict_pre_hook(slice_expert_state_dict)
+        self.expert_rows = slice(0, num_experts)
+        self.register_load_state_dict_pre_hook(MoELayer._keep_own_expert_rows)
         self.aux_losses: dict[str, Tensor] = {}
         self.stats: RoutingStats | None = None
 
     @property
-    def expert_parallel(self) -> ExpertParallelGroups | None:
-        """The expert-parallel groups this layer's experts are sharded over, or ``None`` while it
-        holds all E experts."""
-        return self._expert_parallel
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher that runs this layer's experts (under expert parallelism the wrapper,
+        whose ``local`` is the backend)."""
+        return self._dispatcher
+
+    @dispatcher.setter
+    def dispatcher(self, dispatcher: str | Dispatcher) -> None:
+        self._dispatcher = self._dispatcher.with_local(get_dispatcher(dispatcher))
+
+    @property
+    def expert_parallel(self) -> Any:
+        """The expert-parallel groups this layer's experts are sharded over (the dispatcher's
+        ``groups``), or ``None`` while it holds all E experts."""
+        return self._dispatcher.groups
+
+    @property
+    def exchange(self) -> dict[str, list[int]]:
+        """Rows sent to and received from each rank in the last forward, under expert parallelism."""
+        return getattr(self._dispatcher, "exchange", {})
+
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the routed-expert weights (first dimension indexes the experts
+        this rank holds), names relative to ``experts``."""
+        local = self.experts.num_experts
+        for name, param in self.experts.named_parameters():
+            if param.dim() >= 1 and param.shape[0] == local:
+                yield name, param
+
+    def shard(self, dispatcher: Dispatcher) -> None:
+        """Keep only the experts ``dispatcher`` computes on this rank
+        (``dispatcher.expert_rows(num_experts)``, a slice of the whole expert tensors) and dispatch
+        through it from now on; it must bring every assignment to the rank holding its expert
+        (:class:`~lightning_moe.parallel.ExpertParallelDispatcher` does). Call once, before the
+        optimizer is built. Afterwards :meth:`load_state_dict` also takes whole expert tensors
+        (E rows) and keeps this rank's rows, so checkpoints of any expert-parallel size load."""
+        rows = dispatcher.expert_rows(self.num_experts)
+        if self.expert_rows != slice(0, self.num_experts):
+            raise RuntimeError(f"This layer already holds only experts {self.expert_rows.start}.."
+                               f"{self.expert_rows.stop - 1} of {self.num_experts}; shard it once.")
+        for name, param in list(self.expert_parameters()):
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.experts.get_submodule(owner_name) if owner_name else self.experts
+            setattr(owner, attr, nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad))
+        self.experts.num_experts = rows.stop - rows.start
+        self.expert_rows = rows
+        self._dispatcher = dispatcher
+
+    def _keep_own_expert_rows(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        # Load-state-dict pre-hook: whole expert tensors (E rows) for a sharded layer -> this rank's rows.
+        local = self.experts.num_experts
+        if local == self.num_experts:
+            return
+        for param_name, _ in self.expert_parameters():
+            key = f"{prefix}experts.{param_name}"
+            value = state_dict.get(key)
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == self.num_experts:
+                state_dict[key] = value[self.expert_rows]
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x`` of shape ``(..., D)`` -> same shape. ``token_ids`` (shape ``x.shape[:-1]``), when
@@ -141,21 +199,16 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.d_model)
         routing = route(self.router, x, self.capacity, self.training, token_ids)
-        if self._expert_parallel is None:
-            y_TD = self._dispatch(x_TD, routing, self.experts)
-        else:
-            y_TD = expert_parallel_dispatch(x_TD, routing, self.experts, self._expert_parallel, self._dispatch,
-                                            self.exchange)
+        y_TD = self._dispatcher(x_TD, routing, self.experts)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
-        self.stats = RoutingStats.from_routing(routing)
+        self.record(routing)
         return y_TD.view(x.shape)
 
     def extra_repr(self) -> str:
-        return (f"dispatcher={self.dispatcher!r}, balancers={self.balancers}, capacity={self.capacity}, "
+        return (f"dispatcher={self.dispatcher.name!r}, balancers={self.balancers}, capacity={self.capacity}, "
                 f"shared_d_ff={self.shared_d_ff}, shared_gate={self.shared_expert_gate is not None}"
                 + (f", expert_parallel_size={self.expert_parallel_size}" if self.expert_parallel_size > 1 else ""))

@@ -94,9 +94,14 @@ class MoELayerView:
         tensor changed (``rows`` the first-dimension indices changed, ``None`` for the whole
         tensor), so a caller can reset their optimizer state.
         """
+        return self._revive(self.expert_tensors(), dead, sources, noise, generator)
+
+    def _revive(self, expert_tensors: list[Tensor], dead: Sequence[int], sources: Sequence[int], noise: float,
+                generator: torch.Generator | None) -> list[tuple[Tensor, list[int] | None]]:
+        # `revive` on the given (whole) expert tensors, this view's router rows and bias.
         if len(dead) != len(sources):
             raise ValueError(f"`dead` ({len(dead)}) and `sources` ({len(sources)}) must have the same length.")
-        tensors = [*self.expert_tensors(), *self.router_rows()]
+        tensors = [*expert_tensors, *self.router_rows()]
         for dst, src in zip(dead, sources, strict=True):
             for tensor in tensors:
                 row = tensor[src]

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer
-from lightning_moe.dispatch.backends import get_dispatcher
+from lightning_moe.dispatch.registry import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.moe_layer import MoELayer
+from lightning_moe.layers.record import total_aux_losses
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.factory import RouterFactory, build_router
 from lightning_moe.routing.topk import TopKRouter
@@ -201,12 +202,9 @@ class MoETransformer(nn.Module):
         return self.lm_head(self.norm(x_BSD))
 
     def aux_losses(self) -> dict[str, Tensor]:
-        """Each balancer's loss summed over the MoE layers, from the last forward."""
-        totals: dict[str, Tensor] = {}
-        for layer in self.moe_layers():
-            for name, value in layer.aux_losses.items():
-                totals[name] = totals[name] + value if name in totals else value
-        return totals
+        """Each balancer's loss summed over the MoE layers, from the last forward
+        (:func:`~lightning_moe.layers.total_aux_losses`)."""
+        return total_aux_losses(self)
 
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters and ``active`` ones (used per token: on average
@@ -217,9 +215,9 @@ class MoETransformer(nn.Module):
         inactive = expert = 0
         for layer in self.moe_layers():
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            if layer.expert_parallel is not None:  # this rank holds 1/P of them
-                total += expert_params * (layer.expert_parallel.size - 1)
-                expert_params *= layer.expert_parallel.size
+            shards = layer.num_experts // layer.experts.num_experts  # P under expert parallelism, else 1
+            total += expert_params * (shards - 1)
+            expert_params *= shards
             share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
             inactive += round(expert_params * share)
             expert += expert_params

@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning_moe.parallel.all_to_all import all_to_all
 from lightning_moe.parallel.expert_parallel import (
-    expert_parallel_dispatch,
+    ExpertParallelDispatcher,
     expert_parallel_layers,
     gather_expert_optimizer_state,
     gather_expert_state_dict,
@@ -25,7 +25,7 @@ from lightning_moe.parallel.groups import ExpertParallelGroups, check_expert_par
 
 __all__ = [
     "DeepSpeedMoELayer",
-    "all_to_all", "check_expert_parallel_size", "expert_parallel_dispatch", "expert_parallel_groups",
+    "all_to_all", "check_expert_parallel_size", "ExpertParallelDispatcher", "expert_parallel_groups",
     "expert_parallel_layers", "ExpertParallelGroups", "gather_expert_optimizer_state", "gather_expert_state_dict",
     "is_expert_parameter", "load_full_state_dict", "moe_param_groups", "MoEDeepSpeedStrategy",
     "reduce_expert_gradients", "setup_expert_parallel", "shard_experts", "slice_expert_optimizer_state",

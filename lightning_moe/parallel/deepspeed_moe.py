@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_non_negative_int, check_positive_float, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.experts.swiglu import SwiGLU
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.routing.capacity import _rank_within_expert
+from lightning_moe.routing.capacity import rank_within_expert
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
@@ -163,10 +164,10 @@ def deepspeed_routes(
         priority_A = choice_A * num_tokens + token_A
     else:
         priority_A = -routing.scores_TE.detach()[token_A, expert_A]
-    rank_A = _rank_within_expert(expert_A, priority_A, num_experts)
+    rank_A = rank_within_expert(expert_A, priority_A, num_experts)
     keep_A = rank_A < capacity
     if drop_policy == "probs":  # kept assignments fill the buffer in token order, dropped ones after
-        rank_A = _rank_within_expert(expert_A, token_A + num_tokens * (~keep_A), num_experts)
+        rank_A = rank_within_expert(expert_A, token_A + num_tokens * (~keep_A), num_experts)
 
     def to_KS(values_A: Tensor) -> Tensor:
         return values_A.view(num_tokens, top_k).T.contiguous()
@@ -239,8 +240,12 @@ def _import_deepspeed_moe() -> type[nn.Module]:
     return MoE
 
 
-class DeepSpeedMoELayer(nn.Module):
+class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
     """DeepSpeed-MoE's layer (``deepspeed.moe.layer.MoE``) with one of our routers as its gate.
+
+    Discovery gives it the same view as :class:`~lightning_moe.layers.MoELayer` (family
+    ``"deepspeed_moe"``); DeepSpeed keeps each expert as its own module, so that view has no
+    grouped expert tensors and cannot revive dead experts.
 
     For projects already on DeepSpeed-MoE: its dispatch, expert-parallel all-to-all, expert
     gradient reduction and per-expert checkpoints stay DeepSpeed's, while routing, balancing losses
@@ -300,6 +305,8 @@ class DeepSpeedMoELayer(nn.Module):
         expert: the expert module, ``(..., D) -> (..., D)``, deep-copied per local expert;
             ``SwiGLU(d_model, d_ff)`` by default.
     """
+
+    view_family = "deepspeed_moe"
 
     def __init__(
         self,
@@ -400,11 +407,10 @@ class DeepSpeedMoELayer(nn.Module):
         routing = route(self.router, x, None, self.training, token_ids)
         routes, kept = deepspeed_routes(routing, self.router.top_k, self.capacity_for(routing.num_tokens),
                                         self.drop_policy, self.gate.ep_group, source=type(self.router).__name__)
-        self.aux_losses = {b.name: b.loss(kept) for b in self.balancers}
+        self.record(kept)
         l_aux = sum(self.aux_losses.values(), x.new_zeros((), dtype=torch.float32))
         self.gate.load(routes, l_aux)
         y, _, _ = self.moe(x)
-        self.stats = RoutingStats.from_routing(kept)
         return y
 
     def extra_repr(self) -> str:
@@ -412,35 +418,3 @@ class DeepSpeedMoELayer(nn.Module):
                 f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
                 f"drop_tokens={self.drop_tokens}, drop_policy={self.drop_policy!r}, "
                 f"expert_parallel_size={self.expert_parallel_size}")
-
-
-def _deepspeed_moe_view(name: str, module: nn.Module) -> Any:
-    from lightning_moe.discovery import LightningMoEView
-
-    if not isinstance(module, DeepSpeedMoELayer):
-        return None
-
-    class DeepSpeedMoEView(LightningMoEView):
-        """Stats, losses, router rows and bias offsets as for our layers. DeepSpeed keeps each expert
-        as its own module copy, so reviving dead experts is not supported here."""
-
-        family = "deepspeed_moe"
-
-        def expert_tensors(self) -> list[Tensor]:
-            return []
-
-        def revive(self, *args: Any, **kwargs: Any) -> Any:
-            raise NotImplementedError(
-                f"{self.name}: DeadExpertDetector(action='revive') does not support DeepSpeedMoELayer (DeepSpeed "
-                "stores each expert as a separate module); use action='warn' or 'raise', or MoELayer.")
-
-    return DeepSpeedMoEView(name, module)
-
-
-def _register_view() -> None:
-    from lightning_moe.discovery import register_moe_adapter
-
-    register_moe_adapter(_deepspeed_moe_view)
-
-
-_register_view()

@@ -5,17 +5,20 @@ Legend: ``T`` tokens on this rank, ``D`` model width, ``E`` experts of the layer
 the expert-parallel group, ``L = E / P`` experts held by each rank, ``A`` assignments routed on
 this rank, ``R`` assignment rows received from the group.
 
-How one layer runs on one rank (:func:`expert_parallel_dispatch`):
+How one layer runs on one rank (:class:`ExpertParallelDispatcher`, installed by
+:meth:`MoELayer.shard <lightning_moe.layers.MoELayer.shard>`; its three steps wrap a local
+dispatcher's):
 
 1. The router (replicated, like every non-expert weight) routes this rank's tokens to all E
    experts; nothing about routing changes, so every router works unchanged.
-2. Assignments are sorted by expert, so the rows for rank ``j`` (experts ``jL .. jL+L-1``) are
-   consecutive; an all-to-all of the ``(P, L)`` count table tells each rank how many rows it gets
-   from whom, then the rows move by a second, variable-size all-to-all. Nothing is dropped.
-3. The local experts run on the received rows with the layer's own backend (``loop``,
+2. permute: the local dispatcher sorts the assignments by expert, so the rows for rank ``j``
+   (experts ``jL .. jL+L-1``) are consecutive; an all-to-all of the ``(P, L)`` count table tells
+   each rank how many rows it gets from whom, then the rows move by a second, variable-size
+   all-to-all and are put in local-expert order. Nothing is dropped.
+3. compute: the local experts run on the received rows with the layer's own backend (``loop``,
    ``grouped`` or ``triton``), ungated.
-4. The outputs travel back by the transposed all-to-all and are combined with the gates on the
-   rank the tokens came from, so gate gradients stay local.
+4. combine: the outputs travel back by the transposed all-to-all and the local dispatcher
+   combines them with the gates on the rank the tokens came from, so gate gradients stay local.
 
 Expert parameters are marked as DeepSpeed marks its own: ``allreduce = False`` and
 ``group_name = "ep_size_{P}"``, so DeepSpeed's engine and ZeRO reduce their gradients over the
@@ -27,56 +30,89 @@ so they load at any expert-parallel size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_moe.dispatch.base import Dispatcher, Plan
+from lightning_moe.experts.protocol import Experts
+from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.parallel.all_to_all import all_to_all, all_to_all_counts
 from lightning_moe.parallel.groups import ExpertParallelGroups, expert_parallel_groups, group_name
 from lightning_moe.routing.routing import Routing
 
-if TYPE_CHECKING:
-    from lightning_moe.dispatch.backends import Dispatcher, Experts
-    from lightning_moe.layers.moe_layer import MoELayer
+
+@dataclass
+class ExchangePlan(Plan):
+    """What the exchange did: the local dispatcher's plan of this rank's assignments, the rows sent
+    to and received from each rank, and the local-expert order of the received rows."""
+
+    local_plan: Plan | None = None
+    sends: list[int] | None = None
+    recvs: list[int] | None = None
+    order_R: Tensor | None = None
 
 
-def expert_parallel_dispatch(x_TD: Tensor, routing: Routing, experts: Experts, groups: ExpertParallelGroups,
-                             local_dispatch: Dispatcher, exchange: dict[str, Any] | None = None) -> Tensor:
+class ExpertParallelDispatcher(Dispatcher):
     """``y_t = sum_a weight_a * expert_{e_a}(x_t)`` with the experts split over ``groups.group``.
 
-    ``experts`` holds this rank's ``L = E / P`` experts (global experts ``rank*L .. rank*L+L-1``);
-    ``routing`` uses global expert indices. ``local_dispatch`` runs the local experts. When
-    ``exchange`` is a dict it receives ``sent_rows`` and ``received_rows`` (per rank of the group,
-    this rank included), for statistics and the benchmark.
+    The layer holds this rank's ``L = E / P`` experts (global experts ``rank*L .. rank*L+L-1``);
+    routings use global expert indices. ``local`` (any dispatcher) sorts and combines this rank's
+    assignments and runs the local experts. After each forward ``exchange`` holds ``sent_rows``
+    and ``received_rows`` (per rank of the group, this rank included).
     """
-    size, local = groups.size, experts.num_experts
-    num_experts = routing.num_experts
-    if num_experts != size * local:
-        raise ValueError(f"The routing has {num_experts} experts but {size} ranks hold {local} each.")
-    order_A = torch.argsort(routing.expert_A, stable=True)
-    token_A = routing.token_A[order_A]
-    send_PL = routing.tokens_per_expert().view(size, local)
-    recv_PL = all_to_all_counts(send_PL, groups.group)  # row j: rows rank j sends to each local expert
-    sends, recvs = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # the one host sync: split sizes
-    if exchange is not None:
-        exchange.update(sent_rows=sends, received_rows=recvs)
-    x_RD = all_to_all(x_TD.index_select(0, token_A), recvs, sends, groups.group)
-    # Received rows come grouped by source rank, each group sorted by local expert.
-    local_R = torch.repeat_interleave(torch.arange(local, device=x_TD.device).repeat(size),
-                                      recv_PL.flatten().to(x_TD.device))
-    rows_R = torch.arange(x_RD.shape[0], device=x_TD.device)
-    local_routing = Routing(
-        scores_TE=x_RD.new_zeros(1, local).expand(x_RD.shape[0], local),  # unread by dispatch
-        logits_TE=x_RD.new_zeros(1, local).expand(x_RD.shape[0], local),
-        token_A=rows_R, expert_A=local_R, weight_A=torch.ones(x_RD.shape[0], device=x_TD.device),
-    )
-    local_routing._tokens_per_expert_E = recv_PL.sum(0)
-    out_RD = local_dispatch(x_RD, local_routing, experts)
-    back_AD = all_to_all(out_RD, sends, recvs, groups.group)
-    weighted_AD = back_AD * routing.weight_A[order_A].unsqueeze(1).to(back_AD.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_A, weighted_AD)
+
+    def __init__(self, local: Dispatcher, groups: ExpertParallelGroups) -> None:
+        self.local = local
+        self.groups = groups
+        self.exchange: dict[str, list[int]] = {}
+
+    @property
+    def name(self) -> str:
+        return f"expert_parallel({self.local.name})"
+
+    def expert_rows(self, num_experts: int) -> slice:
+        return self.groups.rows(num_experts)
+
+    def with_local(self, local: Dispatcher) -> Dispatcher:
+        return ExpertParallelDispatcher(local, self.groups)
+
+    def gather_experts(self, shard: Tensor) -> Tensor:
+        """The whole ``(E, ...)`` tensor of which every rank holds its rows ``shard``; collective."""
+        return gather_experts(shard, self.groups)
+
+    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, ExchangePlan]:
+        size = self.groups.size
+        if routing.num_experts % size:
+            raise ValueError(f"The routing has {routing.num_experts} experts, which {size} ranks cannot split.")
+        local = routing.num_experts // size
+        x_AD, local_plan = self.local.permute(x_TD, routing)  # rows sorted by global expert
+        send_PL = local_plan.counts_E.view(size, local)
+        recv_PL = all_to_all_counts(send_PL, self.groups.group)  # row j: rows rank j sends to each local expert
+        sends, recvs = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # the one host sync: split sizes
+        self.exchange = {"sent_rows": sends, "received_rows": recvs}
+        x_RD = all_to_all(x_AD, recvs, sends, self.groups.group)
+        # Received rows come grouped by source rank, each group sorted by local expert.
+        local_R = torch.repeat_interleave(torch.arange(local, device=x_TD.device).repeat(size),
+                                          recv_PL.flatten().to(x_TD.device))
+        order_R = torch.argsort(local_R, stable=True)
+        plan = ExchangePlan(counts_E=recv_PL.sum(0), num_tokens=x_RD.shape[0], dtype=x_TD.dtype,
+                            local_plan=local_plan, sends=sends, recvs=recvs, order_R=order_R)
+        return x_RD.index_select(0, order_R), plan
+
+    def compute(self, x_AD: Tensor, plan: Plan, experts: Experts) -> Tensor:
+        if experts.num_experts != plan.counts_E.numel():
+            raise ValueError(f"The layer holds {experts.num_experts} experts but the exchange brought rows for "
+                             f"{plan.counts_E.numel()} local experts.")
+        return self.local.compute(x_AD, plan, experts)
+
+    def combine(self, out_AD: Tensor, plan: ExchangePlan) -> Tensor:
+        out_RD = torch.empty_like(out_AD).index_copy(0, plan.order_R, out_AD)  # back to arrival order
+        back_AD = all_to_all(out_RD, plan.sends, plan.recvs, self.groups.group)
+        return self.local.combine(back_AD, plan.local_plan)
 
 
 @torch.no_grad()
@@ -88,33 +124,24 @@ def gather_experts(shard: Tensor, groups: ExpertParallelGroups) -> Tensor:
     return torch.cat(pieces)
 
 
-def expert_parameters(layer: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def expert_parameters(layer: MoELayer) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of the layer's routed-expert weights (first dimension indexes experts),
     names relative to ``layer.experts``."""
-    local = layer.experts.num_experts
-    for name, param in layer.experts.named_parameters():
-        if param.dim() >= 1 and param.shape[0] == local:
-            yield name, param
+    return layer.expert_parameters()
 
 
 def shard_experts(layer: MoELayer, groups: ExpertParallelGroups) -> None:
-    """Keep only this rank's ``E / P`` experts of ``layer`` (a slice of its whole expert tensors)
-    and mark them for expert-data-parallel gradient reduction. Called once, before the optimizer
-    is built; a second call with the same groups does nothing."""
+    """Keep only this rank's ``E / P`` experts of ``layer`` (:meth:`MoELayer.shard` with an
+    :class:`ExpertParallelDispatcher` around its dispatcher) and mark them for expert-data-parallel
+    gradient reduction. Called once, before the optimizer is built; a second call with the same
+    groups does nothing."""
     current = layer.expert_parallel
     if current is not None:
         if current.size != groups.size or current.rank != groups.rank:
             raise RuntimeError(f"This layer is already sharded for expert_parallel_size={current.size}, rank "
                                f"{current.rank}.")
         return
-    rows = groups.rows(layer.num_experts)
-    for name, param in list(expert_parameters(layer)):
-        owner_name, _, attr = name.rpartition(".")
-        owner = layer.experts.get_submodule(owner_name) if owner_name else layer.experts
-        shard = nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad)
-        setattr(owner, attr, shard)
-    layer.experts.num_experts = rows.stop - rows.start
-    layer._expert_parallel = groups
+    layer.shard(ExpertParallelDispatcher(layer.dispatcher, groups))
     mark_expert_parameters(layer)
     if groups.backend == "deepspeed":
         from lightning_moe.parallel.ds_marker import DeepSpeedExpertMarker
@@ -134,8 +161,6 @@ def mark_expert_parameters(layer: MoELayer) -> None:
 def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
     """``(name, layer)`` for every :class:`~lightning_moe.layers.MoELayer` of ``model`` with
     ``expert_parallel_size > 1``."""
-    from lightning_moe.layers.moe_layer import MoELayer
-
     for name, module in model.named_modules():
         if isinstance(module, MoELayer) and module.expert_parallel_size > 1:
             yield name, module
@@ -203,8 +228,6 @@ def moe_param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, A
     P, so optimizer state saved at one expert-parallel size loads at another
     (:func:`gather_expert_optimizer_state`). ``group_options`` (``lr``, ``weight_decay``, ...)
     go into every group."""
-    from lightning_moe.layers.moe_layer import MoELayer
-
     experts: dict[int, list[nn.Parameter]] = {}
     for module in model.modules():
         if isinstance(module, MoELayer):
@@ -288,17 +311,3 @@ def gather_expert_state_dict(model: nn.Module, state_dict: dict[str, Tensor], pr
                 continue
             state_dict[key] = gather_experts(param, groups).to(state_dict[key].device)
     return state_dict
-
-
-def slice_expert_state_dict(layer: MoELayer, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Load-time half of resharding: where ``state_dict`` holds whole expert tensors (E rows) for a
-    sharded layer, keep this rank's rows. Registered as the layer's load-state-dict pre-hook."""
-    groups = layer.expert_parallel
-    if groups is None:
-        return
-    local = layer.num_experts // groups.size
-    for param_name, _ in expert_parameters(layer):
-        key = f"{prefix}experts.{param_name}"
-        value = state_dict.get(key)
-        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
-            state_dict[key] = value[groups.rows(layer.num_experts)]

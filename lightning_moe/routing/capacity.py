@@ -32,7 +32,7 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return max(min_capacity, math.ceil(capacity_factor * num_assignments / num_experts))
 
 
-def _rank_within_expert(expert_A: Tensor, priority_A: Tensor, num_experts: int) -> Tensor:
+def rank_within_expert(expert_A: Tensor, priority_A: Tensor, num_experts: int) -> Tensor:
     """``(A,)`` int64: each assignment's rank among its expert's assignments, 0 = highest priority.
 
     ``priority_A`` orders assignments: a smaller value is kept first.
@@ -66,7 +66,7 @@ def drop_over_capacity(routing: Routing, capacity: int, policy: DropPolicy = "po
         priority_A = routing.token_A
     else:
         priority_A = -routing.weight_A.detach().float()
-    keep_A = _rank_within_expert(expert_A, priority_A, routing.num_experts) < capacity
+    keep_A = rank_within_expert(expert_A, priority_A, routing.num_experts) < capacity
     num_dropped = int(expert_A.numel() - int(keep_A.sum()))
     if num_dropped == 0:
         return routing

@@ -31,7 +31,7 @@ def test_grouped_matches_loop(shape: tuple[int, int, int, int], top_k: int) -> N
     router = TopKRouter(d_model, experts, top_k=top_k, renormalize=top_k > 1)  # Switch-style at k=1
     ref = MoELayer(d_model, d_ff, experts, router=router, dispatcher="loop")
     fast = copy.deepcopy(ref)
-    fast._dispatch = get_dispatcher("grouped")
+    fast.dispatcher = "grouped"
     x = torch.randn(2, tokens, d_model, dtype=torch.float64)
     grad = torch.randn(2, tokens, d_model, dtype=torch.float64)
     ref.double(), fast.double()

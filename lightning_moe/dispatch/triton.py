@@ -1,0 +1,123 @@
+"""The ``triton`` backend: permute, grouped SwiGLU and unpermute as Triton kernels.
+
+Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``A`` assignments.
+
+Where the kernels cannot run (no Triton, CPU tensors without ``TRITON_INTERPRET=1``, experts
+that do not offer the fused SwiGLU form, :class:`~lightning_moe.experts.FusedSwiGLU`) it warns
+once, naming the reason, and computes the same function with the ``grouped`` backend; each step
+decides for itself, so a wrapping dispatcher (expert parallelism) falls back the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_moe.dispatch.base import Plan
+from lightning_moe.dispatch.grouped import GroupedDispatcher
+from lightning_moe.experts.protocol import Experts, swiglu_weights
+from lightning_moe.kernels._triton import unavailable_reason
+from lightning_moe.routing.routing import Routing
+
+if TYPE_CHECKING:  # the kernels register their custom ops on first use, not on import
+    from lightning_moe.kernels.permute import DispatchPlan
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    # Cached so a training loop warns once per distinct reason, not once per step.
+    warnings.warn(f"dispatcher='triton' falls back to 'grouped': {reason}.", RuntimeWarning, stacklevel=3)
+
+
+def fallback_reason(x_TD: Tensor, experts: object) -> str | None:
+    """Why ``triton_dispatch`` cannot run the kernels on these inputs, or ``None`` if it can."""
+    if swiglu_weights(experts) is None:
+        return f"the Triton path runs SwiGLU experts (swiglu_weights()), not {type(experts).__name__}"
+    return _dtype_reason(x_TD) or unavailable_reason(x_TD)
+
+
+@torch.compiler.assume_constant_result
+def _tf32_allowed() -> bool:
+    # float32 follows torch's own matmul setting (Lightning's `torch.set_float32_matmul_precision`):
+    # "highest" keeps exact float32, "high"/"medium" allow TF32 tensor cores. A constant to Dynamo.
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _precision(x_TD: Tensor) -> str:
+    return "tf32" if x_TD.dtype == torch.float32 and _tf32_allowed() else "ieee"
+
+
+@dataclass
+class TritonPlan(Plan):
+    """The kernels' plan (both layouts of the assignments) next to the common fields; ``weight_A``
+    is in token-sorted order, as ``unpermute`` reads it."""
+
+    kernel_plan: DispatchPlan | None = None
+
+
+class TritonDispatcher(GroupedDispatcher):
+    """``y_t = sum_a weight_a * expert_{e_a}(x_t)`` with the Triton kernels; no host sync.
+
+    permute: tokens gathered into expert order (:func:`~lightning_moe.kernels.permute.permute`);
+    compute: the experts as grouped GEMMs over the sorted rows
+    (:func:`~lightning_moe.kernels.grouped_gemm.grouped_swiglu`); combine: outputs summed per
+    token with their gates (:func:`~lightning_moe.kernels.permute.unpermute`, a gather-reduce, no
+    atomics). Each step runs the ``grouped`` backend's instead where the kernels cannot run.
+    """
+
+    name = "triton"
+
+    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Plan]:
+        reason = unavailable_reason(x_TD) or _dtype_reason(x_TD)
+        if reason is not None:
+            _warn_fallback(reason)
+            return super().permute(x_TD, routing)
+        from lightning_moe.kernels.permute import make_plan, permute
+
+        kernel_plan = make_plan(routing.token_A, routing.expert_A, x_TD.shape[0], routing.num_experts)
+        plan = TritonPlan(counts_E=kernel_plan.counts_E, num_tokens=x_TD.shape[0], token_A=kernel_plan.src_token_A,
+                          weight_A=routing.weight_A[kernel_plan.token_order_A].float(), dtype=x_TD.dtype,
+                          kernel_plan=kernel_plan)
+        return permute(x_TD, kernel_plan), plan
+
+    def compute(self, x_AD: Tensor, plan: Plan, experts: Experts) -> Tensor:
+        reason = fallback_reason(x_AD, experts)
+        if reason is not None:
+            _warn_fallback(reason)
+            return super().compute(x_AD, plan, experts)
+        from lightning_moe.kernels.grouped_gemm import grouped_swiglu
+
+        offsets_E1 = plan.kernel_plan.offsets_E1 if isinstance(plan, TritonPlan) and plan.kernel_plan is not None \
+            else torch.cat([plan.counts_E.new_zeros(1), plan.counts_E.cumsum(0)])
+        weights = (w.to(x_AD.dtype) for w in swiglu_weights(experts))
+        return grouped_swiglu(x_AD, *weights, offsets_E1, precision=_precision(x_AD))
+
+    def combine(self, out_AD: Tensor, plan: Plan) -> Tensor:
+        if not isinstance(plan, TritonPlan) or plan.kernel_plan is None:
+            return super().combine(out_AD, plan)
+        from lightning_moe.kernels.permute import unpermute
+
+        return unpermute(out_AD, plan.weight_A, plan.kernel_plan)
+
+    def __call__(self, x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
+        reason = fallback_reason(x_TD, experts)
+        if reason is not None:
+            _warn_fallback(reason)
+            return super().__call__(x_TD, routing, experts)  # the grouped backend, fused
+        x_AD, plan = self.permute(x_TD, routing)
+        return self.combine(self.compute(x_AD, plan, experts), plan)
+
+
+def _dtype_reason(x: Tensor) -> str | None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the Triton kernels take float32, float16 or bfloat16 inputs, got {x.dtype}"
+    return None
+
+
+triton_dispatch = TritonDispatcher()
+"""A shared ``triton`` dispatcher: ``triton_dispatch(x_TD, routing, experts) -> y_TD``."""
