@@ -22,7 +22,6 @@ Each view exposes:
 from __future__ import annotations
 
 import importlib.util
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,7 +30,9 @@ from torch import Tensor, nn
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.layers.view import MoELayerView
+from lightning_moe.layers.view import MoELayerView, cached_view, forget_view, remember_view
+
+__all__ = ["LightningMoEView", "MoELayerView", "RecorderView", "find_moe_layers", "forget_view", "register_moe_adapter"]
 
 
 class RecorderView(MoELayerView):
@@ -101,7 +102,6 @@ LightningMoEView = RecorderView
 
 ViewFactory = Callable[[str, nn.Module], "MoELayerView | None"]
 _ADAPTERS: list[ViewFactory] = []
-_VIEWS: weakref.WeakKeyDictionary[nn.Module, MoELayerView] = weakref.WeakKeyDictionary()
 
 
 def register_moe_adapter(factory: ViewFactory) -> ViewFactory:
@@ -123,21 +123,15 @@ def _recorder(name: str, module: nn.Module) -> MoELayerView | None:
 register_moe_adapter(_recorder)
 
 
-def forget_view(module: nn.Module) -> MoELayerView | None:
-    """Drop the cached view of ``module`` (after its layout changed, e.g. its router was swapped) and
-    return it; the next :func:`find_moe_layers` builds a new one."""
-    return _VIEWS.pop(module, None)
-
-
 def _view_of(name: str, module: nn.Module) -> MoELayerView | None:
-    view = _VIEWS.get(module)
+    view = cached_view(module)
     if view is not None:
         view.name = name
         return view
     for factory in _ADAPTERS:
         view = factory(name, module)
         if view is not None:
-            _VIEWS[module] = view
+            remember_view(module, view)
             return view
     return None
 

@@ -187,7 +187,8 @@ def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp
                   "--model.router.top_k", "1", "--model.router.renormalize", "false", "--model.dispatcher", "loop",
                   "--model.num_experts", "6", "--model.granularity", "1")
     layer = model.model.moe_layers()[0]
-    assert (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher.name) == (1, False, 6, "loop")
+    settings = (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher.name)
+    assert settings == (1, False, 6, "loop")
 
 
 def test_triton_dispatcher_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ Legend: ``T`` tokens, ``D`` model width, ``E`` routed experts, ``K`` experts per
 ``transformers``: blocks are matched by class name (the block's class or one of its base
 classes) and by structure, so the adapters survive other ``transformers`` versions.
 
-Supported families (``family`` of the view, block class):
+Supported families (``family`` of the view, block class; each is one :class:`HFFamily` entry of
+:data:`HF_FAMILIES`, which discovery, conversion, ``swap_routers`` and the error messages all read):
 
 - ``mixtral``: ``MixtralSparseMoeBlock``; softmax scores, top-k.
 - ``qwen2_moe``: ``Qwen2MoeSparseMoeBlock``; softmax top-k. Its shared expert and the sigmoid
@@ -41,8 +42,9 @@ view holds its block through a weak reference, so a cached view does not keep a 
 deep copy (or pickle) of a model carries copies of the views, bound to the copied blocks, and
 ``find_moe_layers`` on the copy returns those rather than hooking the gates a second time.
 
-Other blocks with one of these structures and routing rules can be added to
-:data:`HF_BLOCK_VIEWS` (class name -> view class).
+Another family with this structure is one more :data:`HF_FAMILIES` entry (a block sharing a
+family's structure and rule: one more name in that entry's ``block_classes``); it needs its own
+view class only when :class:`HFFamily` cannot describe its scoring rule.
 
 A supported 5.x block whose gate :func:`~lightning_moe.integrations.hf_routers.swap_routers`
 replaced with one of our routers gets a :class:`SwappedRouterView` instead: statistics, aux
@@ -61,40 +63,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
+from lightning_moe.integrations.hf_families import TOP_K_NAMES, HFFamily, read_setting
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.layers.view import MoELayerView
 from lightning_moe.routing.routing import Router
+from lightning_moe.routing.topk import group_limited_mask
 
 __all__ = [
-    "HF_BLOCK_VIEWS",
+    "HF_FAMILIES",
     "DeepseekV3View",
+    "HFFamily",
     "HFMoEView",
     "MixtralView",
     "OlmoeView",
     "Qwen2MoeView",
     "Qwen3MoeView",
     "SwappedRouterView",
-    "block_view_class",
     "disable_router_aux_loss",
+    "family_of",
     "find_hf_blocks",
+    "fused_expert_tensors",
     "hf_moe_view",
+    "supported_families",
     "transformers_version",
 ]
 
 
 class HFMoEView(MoELayerView):
-    """View of a Hugging Face sparse MoE block (``gate`` + ``experts``) with softmax top-k routing.
+    """View of a Hugging Face sparse MoE block (``gate`` + ``experts``) of the family ``spec``.
 
-    Subclasses set ``family`` and, for other scoring rules, override :meth:`normalised_scores`
-    and :meth:`select_experts`.
+    Its routing rule (softmax or sigmoid scores, a selection bias, group-limited top-k,
+    renormalisation, scaling) is the one ``spec`` describes, as our routers compute it; a family
+    whose rule ``spec`` cannot describe overrides :meth:`normalised_scores` and :meth:`select_experts`.
+    ``family`` is ``spec.name``.
     """
 
-    family = "hf_moe"
-    #: ``norm_topk_prob`` when neither the gate nor the block says (only the weights depend on it).
-    default_norm_topk_prob = False
-
-    def __init__(self, name: str, module: nn.Module, num_experts: int) -> None:
+    def __init__(self, name: str, module: nn.Module, num_experts: int, spec: HFFamily) -> None:
         super().__init__(name, module, num_experts)
+        self.spec = spec
+        self.family = spec.name
         self._stats: RoutingStats | None = None
         self.fused = not isinstance(module.experts, nn.ModuleList)
         self._hook = module.gate.register_forward_hook(self._on_gate_forward, with_kwargs=True)
@@ -108,8 +115,12 @@ class HFMoEView(MoELayerView):
         return self._stats
 
     @property
+    def expert_bias(self) -> Tensor | None:
+        return self.spec.expert_bias_of(self.gate)
+
+    @property
     def top_k(self) -> int:
-        return int(self._setting("top_k", "num_experts_per_tok"))
+        return int(read_setting(self.module, *TOP_K_NAMES))
 
     def remove_hook(self) -> None:
         """Remove the gate hook; ``stats`` then stays at the last forward seen."""
@@ -117,20 +128,35 @@ class HFMoEView(MoELayerView):
 
     # -- routing rule -------------------------------------------------------------------------
 
+    def _affinity(self, logits_TE: Tensor) -> Tensor:
+        """``(T, E)`` scores the gate weights come from: softmax, or sigmoid per expert."""
+        return logits_TE.softmax(dim=-1) if self.spec.score_func == "softmax" else logits_TE.sigmoid()
+
     def normalised_scores(self, logits_TE: Tensor) -> Tensor:
-        """``(T, E)`` float32 scores summing to 1 per token (softmax of the logits)."""
-        return torch.softmax(logits_TE, dim=-1)
+        """``(T, E)`` float32 scores summing to 1 per token (softmax, or sigmoid over its sum)."""
+        scores_TE = self._affinity(logits_TE)
+        return scores_TE if self.spec.score_func == "softmax" else scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
     def select_experts(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
         """The family's own top-k rule: ``(T, K)`` indices and gate weights, from float32 logits.
 
         Used only when the gate's output does not carry the chosen experts (4.x ``nn.Linear`` gate).
         """
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, indices_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self._setting("norm_topk_prob", default=self.default_norm_topk_prob):
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return indices_TK, weights_TK
+        settings = self.spec.routing_settings(self.module)
+        scores_TE = self._affinity(logits_TE)
+        choice_TE = scores_TE
+        bias_E = self.expert_bias
+        if bias_E is not None:
+            choice_TE = scores_TE + bias_E.float()
+        if self.spec.group_score is not None:
+            mask_TE = group_limited_mask(choice_TE, settings["num_groups"], settings["topk_groups"],
+                                         self.spec.group_score)
+            choice_TE = choice_TE.masked_fill(~mask_TE, float("-inf"))
+        indices_TK = torch.topk(choice_TE, settings["top_k"], dim=-1).indices
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if settings["renormalize"]:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices_TK, weights_TK * settings["scaling_factor"]
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -145,7 +171,7 @@ class HFMoEView(MoELayerView):
     def expert_tensors(self) -> list[Tensor]:
         if not self.fused:
             return []
-        return _fused_expert_tensors(self.module.experts, self.num_experts)
+        return fused_expert_tensors(self.module.experts, self.num_experts)
 
     @torch.no_grad()
     def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
@@ -168,21 +194,6 @@ class HFMoEView(MoELayerView):
 
     # -- hook ---------------------------------------------------------------------------------
 
-    def _setting(self, *names: str, default: Any = None) -> Any:
-        """First of ``names`` found on the gate, the block, then the block's config."""
-        module = self.module
-        holders = (module.gate, module, getattr(module, "config", None))
-        for holder in holders:
-            if holder is None:
-                continue
-            for name in names:
-                value = getattr(holder, name, None)
-                if value is not None:
-                    return value
-        if default is None:
-            raise AttributeError(f"{type(module).__name__} {self.name!r} has none of {names}.")
-        return default
-
     @torch.no_grad()
     def _on_gate_forward(self, gate: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
@@ -203,66 +214,25 @@ class HFMoEView(MoELayerView):
         self._stats = _stats_from(self.normalised_scores(logits_TE), indices_TK.detach(), num_experts)
 
 
+# Named views of the first families, kept for ``isinstance`` checks; their rule is HFMoEView's.
 class MixtralView(HFMoEView):
-    """Mixtral: softmax top-k, top-k weights renormalised."""
-
-    family = "mixtral"
-    default_norm_topk_prob = True
+    """Mixtral: softmax top-k, top-k weights always renormalised."""
 
 
 class Qwen2MoeView(HFMoEView):
     """Qwen2-MoE: softmax top-k; the shared expert and its sigmoid gate are left alone."""
 
-    family = "qwen2_moe"
-
 
 class Qwen3MoeView(HFMoEView):
     """Qwen3-MoE: softmax top-k."""
-
-    family = "qwen3_moe"
 
 
 class OlmoeView(HFMoEView):
     """OLMoE: softmax top-k."""
 
-    family = "olmoe"
-
 
 class DeepseekV3View(HFMoEView):
     """DeepSeek-V3: sigmoid scores, bias-corrected group-limited top-k, routed scaling factor."""
-
-    family = "deepseek_v3"
-    default_norm_topk_prob = True
-
-    @property
-    def expert_bias(self) -> Tensor | None:
-        return getattr(self.gate, "e_score_correction_bias", None)
-
-    def normalised_scores(self, logits_TE: Tensor) -> Tensor:
-        scores_TE = logits_TE.sigmoid()
-        return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-
-    def select_experts(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
-        num_experts = logits_TE.shape[-1]
-        scores_TE = logits_TE.sigmoid()
-        choice_TE = scores_TE
-        bias = self.expert_bias
-        if bias is not None:
-            choice_TE = scores_TE + bias.float()
-        num_group = int(self._setting("num_group", "n_group", default=1))
-        topk_group = int(self._setting("topk_group", default=num_group))
-        if num_group > 1:
-            grouped = choice_TE.view(-1, num_group, num_experts // num_group)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts)
-            choice_TE = choice_TE.masked_fill(~score_mask.bool(), float("-inf"))
-        indices_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False)[1]
-        weights_TK = scores_TE.gather(1, indices_TK)
-        if self._setting("norm_topk_prob", default=self.default_norm_topk_prob):
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return indices_TK, weights_TK * float(self._setting("routed_scaling_factor", default=1.0))
 
 
 class SwappedRouterView(MoELayerView):
@@ -303,35 +273,52 @@ class SwappedRouterView(MoELayerView):
         return scorer.expert_rows() if scorer is not None else []
 
     def expert_tensors(self) -> list[Tensor]:
-        return _fused_expert_tensors(self.module.experts, self.num_experts)
+        return fused_expert_tensors(self.module.experts, self.num_experts)
 
 
-#: Block class name -> view class. A block matches when its class or one of its base classes has
-#: one of these names (and it has the structure). Add entries for blocks that share a family's
-#: structure and routing rule.
-HF_BLOCK_VIEWS: dict[str, type[HFMoEView]] = {
-    "MixtralSparseMoeBlock": MixtralView,
-    "Qwen2MoeSparseMoeBlock": Qwen2MoeView,
-    "Qwen3MoeSparseMoeBlock": Qwen3MoeView,
-    "OlmoeSparseMoeBlock": OlmoeView,
-    "DeepseekV3MoE": DeepseekV3View,
-}
+_MODELS = "transformers.models."
+
+#: Family name (= ``config.model_type``) -> :class:`HFFamily`: the one table of supported Hugging Face
+#: MoE families. Discovery, conversion, ``swap_routers`` and the error messages read only this.
+HF_FAMILIES: dict[str, HFFamily] = {family.name: family for family in (
+    HFFamily("mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _MODELS + "mixtral.modeling_mixtral", MixtralView,
+             renormalize=True, renormalize_setting=None),
+    HFFamily("qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _MODELS + "qwen2_moe.modeling_qwen2_moe",
+             Qwen2MoeView, shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    HFFamily("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _MODELS + "qwen3_moe.modeling_qwen3_moe",
+             Qwen3MoeView),
+    HFFamily("olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _MODELS + "olmoe.modeling_olmoe", OlmoeView),
+    HFFamily("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _MODELS + "deepseek_v3.modeling_deepseek_v3",
+             DeepseekV3View, score_func="sigmoid", renormalize=True, group_score="top2_sum",
+             scaling_setting="routed_scaling_factor", expert_bias="e_score_correction_bias",
+             shared_expert="shared_experts"),
+)}
 
 
-def block_view_class(module: nn.Module) -> type[HFMoEView] | None:
-    """The view class of ``module``'s family when its class or a base class is in
-    :data:`HF_BLOCK_VIEWS` (matched by name; the structure is not checked here), else ``None``."""
-    return next((HF_BLOCK_VIEWS[c.__name__] for c in type(module).__mro__ if c.__name__ in HF_BLOCK_VIEWS), None)
+def family_of(module: nn.Module) -> HFFamily | None:
+    """The :data:`HF_FAMILIES` entry whose ``block_classes`` has the name of ``module``'s class or of
+    one of its base classes (the nearest class first; the structure is not checked here), else ``None``."""
+    for cls in type(module).__mro__:
+        for family in HF_FAMILIES.values():
+            if cls.__name__ in family.block_classes:
+                return family
+    return None
+
+
+def supported_families() -> str:
+    """``"Mixtral, ..., OLMoE and DeepSeek-V3"``: the families' titles, for messages."""
+    titles = [family.title for family in HF_FAMILIES.values()]
+    return f"{', '.join(titles[:-1])} and {titles[-1]}" if len(titles) > 1 else "".join(titles)
 
 
 def find_hf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every module of ``model`` whose class matches :data:`HF_BLOCK_VIEWS`,
+    """``(name, block)`` of every module of ``model`` whose class matches :data:`HF_FAMILIES`,
     outermost only, in module order (``model`` itself included)."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix, _ in found):
             continue
-        if block_view_class(module) is not None:
+        if family_of(module) is not None:
             found.append((name, module))
     return found
 
@@ -361,13 +348,13 @@ def disable_router_aux_loss(model: nn.Module, why: str) -> bool:
 
 def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
     """The view of ``module`` when it is a supported Hugging Face MoE block, else ``None``."""
-    view_cls = block_view_class(module)
-    if view_cls is None:
+    family = family_of(module)
+    if family is None:
         return None
     gate = getattr(module, "gate", None)
     experts = getattr(module, "experts", None)
     if isinstance(getattr(gate, "router", None), Router) and isinstance(experts, nn.Module):  # swap_routers' gate
-        return SwappedRouterView(name, module, view_cls.family)
+        return SwappedRouterView(name, module, family.name)
     weight = getattr(gate, "weight", None)
     if not (isinstance(gate, nn.Module) and isinstance(experts, nn.Module) and isinstance(weight, Tensor)
             and weight.dim() == 2):
@@ -376,7 +363,7 @@ def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
     if isinstance(experts, nn.ModuleList):
         if len(experts) != num_experts:
             return _unsupported(name, module, f"{len(experts)} expert modules for {num_experts} router rows")
-    elif not _fused_expert_tensors(experts, num_experts):
+    elif not fused_expert_tensors(experts, num_experts):
         return _unsupported(name, module, f"no expert parameter whose dim 0 has the {num_experts} experts")
     # A deep-copied or unpickled model carries the views its gates' hooks belong to: reuse them.
     for hook in gate._forward_hooks.values():
@@ -384,12 +371,11 @@ def hf_moe_view(name: str, module: nn.Module) -> MoELayerView | None:
         if isinstance(view, HFMoEView) and view._module_ref() is module:
             view.name = name
             return view
-    return view_cls(name, module, num_experts)
+    return family.view(name, module, num_experts, family)
 
 
-
-
-def _fused_expert_tensors(experts: nn.Module, num_experts: int) -> list[Tensor]:
+def fused_expert_tensors(experts: nn.Module, num_experts: int) -> list[Tensor]:
+    """The parameters of a fused ``experts`` module whose dim 0 indexes its ``num_experts`` experts."""
     return [p for p in experts.parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
 
 

@@ -3,8 +3,9 @@
 Legend: ``T`` tokens, ``D`` model width, ``E`` routed experts, ``F`` expert hidden width,
 ``S`` shared-expert hidden width (all shared experts together).
 
-Supported blocks (the families of :data:`~lightning_moe.integrations.hf.HF_BLOCK_VIEWS`; a block
-matches by its class or a base class name) and the router each one becomes:
+Supported blocks (the families of :data:`~lightning_moe.integrations.hf.HF_FAMILIES`; a block
+matches by its class or a base class name) and the router each one becomes (everything below is
+read from the family's :class:`~lightning_moe.integrations.hf_families.HFFamily` entry):
 
 - ``mixtral`` (``MixtralSparseMoeBlock``): :class:`TopKRouter`, softmax, always renormalised. The
   block's ``jitter_noise`` becomes our ``jitter`` (with a warning: Mixtral also jitters the experts'
@@ -16,7 +17,8 @@ matches by its class or a base class name) and the router each one becomes:
 - ``deepseek_v3`` (``DeepseekV3MoE``): :class:`GroupLimitedTopKRouter` with sigmoid scores,
   ``group_score="top2_sum"``, ``num_groups=n_group``, ``topk_groups=topk_group``,
   ``renormalize=norm_topk_prob``, ``scaling_factor=routed_scaling_factor`` and ``expert_bias=True``
-  holding ``e_score_correction_bias``; plus the (ungated) shared experts.
+  holding ``e_score_correction_bias``; plus the (ungated) shared experts, absent from our layer
+  when the block's are zero-width (``n_shared_experts=0``: their output is exactly 0).
 
 Only the fused layout of ``transformers`` >= 5 converts (``experts`` holds 3-D tensors); the
 per-expert 4.x layout (``experts`` an ``nn.ModuleList``) raises a ``ValueError`` naming the
@@ -41,24 +43,44 @@ Both 5.x blocks and :class:`MoELayer` map ``(batch, seq, D)`` to the same shape,
 for a block inside a decoder layer: :func:`to_lightning_moe` and :func:`to_hugging_face` swap them
 in a whole model. After :func:`to_lightning_moe` the state-dict keys of the MoE layers are ours:
 call :func:`to_hugging_face` before ``save_pretrained``.
+
+The load-balancing loss. Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models add
+``router_aux_loss_coef * load_balancing_loss_func(...)`` (DeepSeek-V3 has none); conversion does
+not carry it over (the ``balancers`` argument does). With ``c = router_aux_loss_coef``, top-``K``
+routing, ``E`` experts and ``L`` MoE blocks (the layers whose gates record logits, not
+``num_hidden_layers`` when some are dense), ``transformers`` computes ``c * E * sum_e fbar_e * Pbar_e``
+where ``fbar_e`` counts a token's ``K`` choices as ``K`` (it sums to ``K``) and both ``fbar`` and
+``Pbar`` are pooled over all ``L`` layers' tokens; :class:`~lightning_moe.balancing.SwitchAuxLoss`
+divides its counts by the assignments (they sum to 1) and is computed per layer. Hence, exactly:
+
+- one block: ``c * HF loss == SwitchAuxLoss(coeff=K * c)`` on the same routing;
+- ``L`` blocks: ``c * HF loss == SwitchAuxLoss(coeff=K * c)`` on all layers' tokens pooled in one
+  routing. Per layer, ``SwitchAuxLoss(coeff=K * c / L)`` puts the same pressure on each layer's
+  scores, with that layer's own expert load in place of the load averaged over layers: the losses
+  and their gradients are equal when every layer has the same load, and otherwise the sum over
+  layers exceeds ``c * HF loss`` by ``K * c * E * sum_e Cov_l(f_le, P_le)`` (covariance over the
+  layers of each expert's load fraction and mean score).
+
+So ``router_aux_loss_coef=0.001`` on a 32-layer top-2 Mixtral becomes ``SwitchAuxLoss(6.25e-5)``
+per layer. ``transformers`` leaves padding tokens (``attention_mask``) out of its loss; ours counts
+every token routed.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.integrations.hf import (
-    HF_BLOCK_VIEWS,
-    block_view_class,
+    HF_FAMILIES,
+    HFFamily,
     disable_router_aux_loss,
+    family_of,
     find_hf_blocks,
     transformers_version,
 )
@@ -67,45 +89,36 @@ from lightning_moe.routing.routing import Router
 from lightning_moe.routing.scorers import LinearScorer
 from lightning_moe.routing.topk import GroupLimitedTopKRouter, TopKRouter
 
-__all__ = ["HF_BLOCK_CLASSES", "hf_family", "moe_layer_from_hf", "moe_layer_to_hf", "to_hugging_face",
-           "to_lightning_moe"]
-
-#: Family (= ``config.model_type``) -> (module, class name) of its 5.x MoE block, built by
-#: :func:`to_hugging_face` from the model's config.
-HF_BLOCK_CLASSES: dict[str, tuple[str, str]] = {
-    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock"),
-    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
-    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
-    "olmoe": ("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock"),
-    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE"),
-}
+__all__ = ["hf_family", "moe_layer_from_hf", "moe_layer_to_hf", "to_hugging_face", "to_lightning_moe"]
 
 # -- family and layout --------------------------------------------------------------------------
 
 
-def _family_or_none(module: nn.Module) -> str | None:
-    view_cls = block_view_class(module)
-    return None if view_cls is None else view_cls.family
+def _spec(block: nn.Module) -> HFFamily:
+    """The block's :data:`~lightning_moe.integrations.hf.HF_FAMILIES` entry; ``ValueError`` listing the
+    supported block classes for any other module."""
+    family = family_of(block)
+    if family is None:
+        classes = ", ".join(c for f in HF_FAMILIES.values() for c in f.block_classes)
+        raise ValueError(f"{type(block).__name__} is not a supported Hugging Face MoE block; supported block classes "
+                         f"(or subclasses): {classes}.")
+    return family
 
 
 def hf_family(block: nn.Module) -> str:
     """The family of a Hugging Face MoE block (``"mixtral"``, ..., ``"deepseek_v3"``).
 
-    Matched by class name, as discovery does (:data:`~lightning_moe.integrations.hf.HF_BLOCK_VIEWS`).
+    Matched by class name, as discovery does (:data:`~lightning_moe.integrations.hf.HF_FAMILIES`).
     Raises ``ValueError`` listing the supported class names for any other module.
     """
-    family = _family_or_none(block)
-    if family is None:
-        raise ValueError(f"{type(block).__name__} is not a supported Hugging Face MoE block; supported block classes "
-                         f"(or subclasses): {', '.join(HF_BLOCK_VIEWS)}.")
-    return family
+    return _spec(block).name
 
 
 def _is_silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is nn.functional.silu
 
 
-def _check_layout(block: nn.Module, family: str) -> None:
+def _check_layout(block: nn.Module, family: HFFamily) -> None:
     """Raise ``ValueError`` unless ``block`` has the fused 5.x layout with SwiGLU experts."""
     name = type(block).__name__
     experts = getattr(block, "experts", None)
@@ -125,22 +138,14 @@ def _check_layout(block: nn.Module, family: str) -> None:
     odd = {k: getattr(experts, k) for k, v in flags.items() if getattr(experts, k, v) != v}
     if odd:
         raise ValueError(f"{name}.experts has an unsupported weight layout {odd}; expected {flags}.")
-    for owner_name, owner in (("experts", experts), (_shared_name(family), _shared_mlp(block, family))):
+    for owner_name, owner in (("experts", experts), (family.shared_expert, family.shared_mlp(block))):
         act = getattr(owner, "act_fn", None)
         if owner is not None and not _is_silu(act):
             raise ValueError(f"{name}.{owner_name} uses the activation {type(act).__name__}; only silu (SwiGLU) "
                              f"experts convert to MoELayer.")
 
 
-def _shared_name(family: str) -> str:
-    return "shared_experts" if family == "deepseek_v3" else "shared_expert"
-
-
-def _shared_mlp(block: nn.Module, family: str) -> nn.Module | None:
-    return getattr(block, _shared_name(family), None)
-
-
-def _slots(block: nn.Module, family: str) -> list[tuple[str, str, Tensor]]:
+def _slots(block: nn.Module, family: HFFamily) -> list[tuple[str, str, Tensor]]:
     """``(our name, HF name, HF tensor viewed in our layout)`` for every tensor conversion copies.
 
     The views share storage with the block, so copying into them writes the block's weights.
@@ -153,41 +158,20 @@ def _slots(block: nn.Module, family: str) -> list[tuple[str, str, Tensor]]:
         ("experts.w_up_EDF", "experts.gate_up_proj[:, F:] (transposed)", experts.gate_up_proj[:, d_ff:].mT),
         ("experts.w_out_EFD", "experts.down_proj (transposed)", experts.down_proj.mT),
     ]
-    if family == "deepseek_v3":
-        slots.append(("router.expert_bias_E", "gate.e_score_correction_bias", block.gate.e_score_correction_bias))
-    shared = _shared_mlp(block, family)
+    if family.expert_bias is not None:
+        slots.append(("router.expert_bias_E", f"gate.{family.expert_bias}", family.expert_bias_of(block.gate)))
+    shared = family.shared_mlp(block)
     if shared is not None:
-        prefix = _shared_name(family)
+        prefix = family.shared_expert
         slots += [(f"shared_expert.{ours}.weight", f"{prefix}.{theirs}.weight", getattr(shared, theirs).weight)
                   for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("out", "down_proj"))]
-    shared_gate = getattr(block, "shared_expert_gate", None)
+    shared_gate = family.shared_gate(block)
     if shared_gate is not None:
-        slots.append(("shared_expert_gate.weight", "shared_expert_gate.weight", shared_gate.weight))
+        slots.append(("shared_expert_gate.weight", f"{family.shared_expert_gate}.weight", shared_gate.weight))
     return slots
 
 
 # -- HF -> ours ----------------------------------------------------------------------------------
-
-
-def _routing_settings(block: nn.Module, family: str) -> dict:
-    """The block's routing rule as our router's keyword arguments (read from the gate, as its forward does)."""
-    gate = block.gate
-    settings = dict(top_k=int(gate.top_k), renormalize=True if family == "mixtral" else bool(gate.norm_topk_prob),
-                    jitter=float(getattr(block, "jitter_noise", 0.0) or 0.0))
-    if family == "deepseek_v3":
-        settings.update(score_func="sigmoid", scaling_factor=float(gate.routed_scaling_factor),
-                        num_groups=int(gate.num_group), topk_groups=int(gate.topk_group))
-    return settings
-
-
-def _build_router(d_model: int, num_experts: int, family: str, settings: dict,
-                  gating_kernel: str) -> TopKRouter:
-    # HF gates score the raw hidden states: no input centring.
-    scorer = partial(LinearScorer, center_input=False)
-    if family == "deepseek_v3":  # group-limited selection always runs in torch
-        return GroupLimitedTopKRouter(d_model, num_experts, group_score="top2_sum", expert_bias=True, scorer=scorer,
-                                      **settings)
-    return TopKRouter(d_model, num_experts, gating_kernel=gating_kernel, scorer=scorer, **settings)
 
 
 def _assign(layer: nn.Module, name: str, tensor: Tensor, requires_grad: bool) -> None:
@@ -208,11 +192,15 @@ def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: 
     block's device and dtype. The layer is built on the meta device first, so no second full-size
     copy of the experts is allocated. The block is left unchanged.
 
+    The model's own load-balancing loss (``router_aux_loss_coef``) is not carried over. To keep its
+    pressure, pass ``balancers=[SwitchAuxLoss(coeff=K * router_aux_loss_coef / L)]`` for a model of
+    ``L`` MoE blocks routing to top-``K`` (``K * router_aux_loss_coef`` for a single block: exact;
+    for ``L`` blocks, exact when the layers' loads agree; the module docstring gives the relation).
+
     Args:
         block: a supported block (:func:`hf_family`).
         dispatcher: our dispatch backend (``loop``, ``grouped``, ...).
-        balancers: auxiliary losses the layer computes (the block's own HF load-balancing loss is
-            not carried over).
+        balancers: auxiliary losses the layer computes.
         gating_kernel: :class:`TopKRouter`'s ``gating_kernel`` (softmax families; DeepSeek's
             group-limited router always uses torch).
 
@@ -221,21 +209,21 @@ def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: 
     """
     if gating_kernel not in ("auto", "triton", "torch"):
         raise ValueError(f"`gating_kernel` must be 'auto', 'triton' or 'torch', got {gating_kernel!r}.")
-    family = hf_family(block)
+    family = _spec(block)
     _check_layout(block, family)
     num_experts, d_model = block.gate.weight.shape
     d_ff = block.experts.gate_up_proj.shape[1] // 2
-    settings = _routing_settings(block, family)
+    settings = family.routing_settings(block)
     if settings["jitter"] > 0:
         warnings.warn(f"{type(block).__name__}.jitter_noise={settings['jitter']} becomes the router's `jitter`: in "
-                      "training Mixtral also jitters the experts' input, ours only the router's (eval is identical).",
-                      stacklevel=2)
-    shared = _shared_mlp(block, family)
+                      "training the block also jitters the experts' input, ours only the router's (eval is "
+                      "identical).", stacklevel=2)
+    shared = family.shared_mlp(block)
     with torch.device("meta"):
-        router = _build_router(d_model, num_experts, family, settings, gating_kernel)
-        layer = MoELayer(d_model, d_ff, num_experts, router=router, balancers=balancers, dispatcher=dispatcher,
-                         shared_d_ff=0 if shared is None else shared.gate_proj.weight.shape[0],
-                         shared_gate=getattr(block, "shared_expert_gate", None) is not None)
+        router = family.build_router(d_model, num_experts, settings, gating_kernel)
+        layer = MoELayer(d_model=d_model, d_ff=d_ff, num_experts=num_experts, router=router, balancers=balancers,
+                         dispatcher=dispatcher, shared_d_ff=0 if shared is None else shared.gate_proj.weight.shape[0],
+                         shared_gate=family.shared_gate(block) is not None)
     for ours, _, theirs in _slots(block, family):
         _assign(layer, ours, theirs.detach().clone(memory_format=torch.contiguous_format), theirs.requires_grad)
     left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
@@ -247,31 +235,30 @@ def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: 
 # -- ours -> HF ----------------------------------------------------------------------------------
 
 
-def _differs(setting: str, ours: object, theirs: object, family: str) -> ValueError:
-    return ValueError(f"The router's `{setting}` is {ours!r} but the {family} block needs {theirs!r}; "
+def _differs(setting: str, ours: object, theirs: object, family: HFFamily) -> ValueError:
+    return ValueError(f"The router's `{setting}` is {ours!r} but the {family.name} block needs {theirs!r}; "
                       f"this router cannot be represented by the block.")
 
 
-def _check_router(layer: MoELayer, block: nn.Module, family: str) -> None:
+def _check_router(layer: MoELayer, block: nn.Module, family: HFFamily) -> None:
     """Raise ``ValueError`` naming the first router setting the block cannot represent."""
     router = layer.router
     if type(router) not in (TopKRouter, GroupLimitedTopKRouter):
-        raise ValueError(f"The router is a {type(router).__name__}; {family} blocks represent only TopKRouter "
-                         "(and GroupLimitedTopKRouter for deepseek_v3).")
+        grouped = [f.name for f in HF_FAMILIES.values() if f.group_score is not None]
+        raise ValueError(f"The router is a {type(router).__name__}; {family.name} blocks represent only TopKRouter "
+                         f"(and GroupLimitedTopKRouter for {', '.join(grouped) or 'no family'}).")
     if type(router.scorer) is not LinearScorer:
         raise ValueError(f"The router's scorer is a {type(router.scorer).__name__}; HF blocks have a linear gate "
                          "(LinearScorer).")
-    want = _routing_settings(block, family)
-    want["score_func"] = want.get("score_func", "softmax")
-    want["scaling_factor"] = want.get("scaling_factor", 1.0)
+    want = family.routing_settings(block)
     for setting in ("score_func", "top_k", "renormalize", "scaling_factor", "jitter"):
         ours, theirs = getattr(router, setting), want[setting]
         if ours != theirs and not (isinstance(ours, float) and math.isclose(ours, theirs, rel_tol=1e-6)):
             raise _differs(setting, ours, theirs, family)
     _check_groups(router, want, family)
     bias = router.expert_bias_E
-    if family != "deepseek_v3" and bias is not None and bool(bias.any()):
-        raise ValueError(f"The router has a non-zero `expert_bias_E`; {family} blocks have no expert bias.")
+    if family.expert_bias is None and bias is not None and bool(bias.any()):
+        raise ValueError(f"The router has a non-zero `expert_bias_E`; {family.name} blocks have no expert bias.")
     if layer.capacity is not None:
         raise ValueError(f"The layer has an expert `capacity` ({layer.capacity}); HF blocks are dropless.")
     if router.scorer.center_input:
@@ -279,10 +266,10 @@ def _check_router(layer: MoELayer, block: nn.Module, family: str) -> None:
                          "states. Build the scorer with center_input=False to convert.")
 
 
-def _check_groups(router: TopKRouter, want: dict, family: str) -> None:
-    """Group-limited selection must match DeepSeek's (an unrestricted one matches any unrestricted one)."""
+def _check_groups(router: TopKRouter, want: dict, family: HFFamily) -> None:
+    """Group-limited selection must match the family's (an unrestricted one matches any unrestricted one)."""
     grouped = isinstance(router, GroupLimitedTopKRouter)
-    if family != "deepseek_v3":
+    if family.group_score is None:
         if grouped and router.topk_groups < router.num_groups:
             raise _differs("topk_groups", router.topk_groups, router.num_groups, family)
         return
@@ -293,19 +280,19 @@ def _check_groups(router: TopKRouter, want: dict, family: str) -> None:
     for setting, o, t in zip(("num_groups", "topk_groups"), ours, theirs, strict=True):
         if o != t:
             raise _differs(setting, o, t, family)
-    if router.group_score != "top2_sum":
-        raise _differs("group_score", router.group_score, "top2_sum", family)
+    if router.group_score != family.group_score:
+        raise _differs("group_score", router.group_score, family.group_score, family)
 
 
-def _check_shared(layer: MoELayer, block: nn.Module, family: str) -> None:
-    has_shared = _shared_mlp(block, family) is not None
-    has_gate = getattr(block, "shared_expert_gate", None) is not None
+def _check_shared(layer: MoELayer, block: nn.Module, family: HFFamily) -> None:
+    has_shared = family.shared_mlp(block) is not None
+    has_gate = family.shared_gate(block) is not None
     if (layer.shared_expert is not None) != has_shared:
-        raise ValueError(f"The layer has shared_d_ff={layer.shared_d_ff} but the {family} block "
+        raise ValueError(f"The layer has shared_d_ff={layer.shared_d_ff} but the {family.name} block "
                          f"{'has' if has_shared else 'has no'} shared expert.")
     if (layer.shared_expert_gate is not None) != has_gate:
         raise ValueError(f"The layer {'has' if layer.shared_expert_gate is not None else 'has no'} "
-                         f"`shared_expert_gate` but the {family} block {'has' if has_gate else 'has none'}.")
+                         f"`shared_expert_gate` but the {family.name} block {'has' if has_gate else 'has none'}.")
 
 
 def moe_layer_to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
@@ -322,12 +309,12 @@ def moe_layer_to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
     """
     if not isinstance(layer, MoELayer):
         raise ValueError(f"`layer` must be a MoELayer, got {type(layer).__name__}.")
-    family = hf_family(block)
+    family = _spec(block)
     _check_layout(block, family)
     _check_shared(layer, block, family)
     _check_router(layer, block, family)
     ours = dict(layer.named_parameters()) | dict(layer.named_buffers())
-    if family == "deepseek_v3" and layer.router.expert_bias_E is None:
+    if family.expert_bias is not None and layer.router.expert_bias_E is None:
         ours["router.expert_bias_E"] = torch.zeros(layer.num_experts)
     slots = _slots(block, family)
     for name, hf_name, theirs in slots:
@@ -358,13 +345,15 @@ def to_lightning_moe(model: nn.Module, dispatcher: str = "grouped", balancers: S
     through :func:`~lightning_moe.discovery.find_moe_layers` views' ``aux_losses``. HF's own
     load-balancing loss reads router logits recorded from the replaced gates, so a true
     ``config.output_router_logits`` is set to False (with a warning); do not pass
-    ``output_router_logits=True`` to the converted model.
+    ``output_router_logits=True`` to the converted model. Its pressure corresponds to
+    ``SwitchAuxLoss(coeff=K * config.router_aux_loss_coef / L)`` for ``L`` = ``len(returned names)``
+    (the module docstring gives the exact relation).
 
     Raises:
         ValueError: ``model`` is itself a block (convert it with :func:`moe_layer_from_hf`), or a
             block cannot convert (:func:`moe_layer_from_hf`).
     """
-    if _family_or_none(model) is not None:
+    if family_of(model) is not None:
         raise ValueError(f"`model` is itself a {type(model).__name__}; convert it with moe_layer_from_hf().")
     names = [name for name, _ in find_hf_blocks(model)]
     for name in names:
@@ -374,34 +363,33 @@ def to_lightning_moe(model: nn.Module, dispatcher: str = "grouped", balancers: S
     return names
 
 
-def _block_class(model_type: str) -> type[nn.Module]:
-    if model_type not in HF_BLOCK_CLASSES:
+def _family_of_type(model_type: str) -> HFFamily:
+    if model_type not in HF_FAMILIES:
         raise ValueError(f"config.model_type={model_type!r} has no supported MoE block; supported model types: "
-                         f"{', '.join(HF_BLOCK_CLASSES)}.")
-    module_name, class_name = HF_BLOCK_CLASSES[model_type]
-    return getattr(importlib.import_module(module_name), class_name)
+                         f"{', '.join(HF_FAMILIES)}.")
+    return HF_FAMILIES[model_type]
 
 
-def _empty_block(block_cls: type[nn.Module], config: object, layer: MoELayer) -> nn.Module:
+def _empty_block(family: HFFamily, config: object, layer: MoELayer) -> nn.Module:
     """A block built from ``config`` on the layer's device, each tensor in the dtype of the tensor of ours
-    it will receive (the router weight and DeepSeek's bias may be kept wider than the experts)."""
+    it will receive (the router weight and the expert bias may be kept wider than the experts)."""
     weight = layer.experts.w_gate_EDF
     with torch.device(weight.device):
-        block = block_cls(config).to(weight.dtype)
+        block = family.block_class()(config).to(weight.dtype)
     scorer_weight = getattr(getattr(layer.router, "scorer", None), "weight_ED", None)
     if isinstance(scorer_weight, Tensor):
         block.gate.weight = nn.Parameter(block.gate.weight.to(scorer_weight.dtype))
-    if isinstance(getattr(block.gate, "e_score_correction_bias", None), Tensor):
+    bias = family.expert_bias_of(block.gate)
+    if isinstance(bias, Tensor):
         ours = getattr(layer.router, "expert_bias_E", None)  # float32 when absent: HF keeps this bias in float32
-        dtype = torch.float32 if ours is None else ours.dtype
-        block.gate.e_score_correction_bias = block.gate.e_score_correction_bias.to(dtype)
+        setattr(block.gate, family.expert_bias, bias.to(torch.float32 if ours is None else ours.dtype))
     return block
 
 
 def to_hugging_face(model: nn.Module) -> list[str]:
     """Replace every :class:`MoELayer` inside ``model`` by the HF block of ``model.config``'s family, in place.
 
-    Each block is built from ``model.config`` with the family's class (:data:`HF_BLOCK_CLASSES`) on
+    Each block is built from ``model.config`` with the family's class (``HFFamily.block_class``) on
     the layer's device, each tensor in the dtype of the tensor of ours it receives (so a round trip
     keeps a float32 router or correction bias in a bf16 model), then filled by
     :func:`moe_layer_to_hf`. Returns the qualified names replaced.
@@ -416,9 +404,9 @@ def to_hugging_face(model: nn.Module) -> list[str]:
     if not names:
         return []
     config = getattr(model, "config", None)
-    block_cls = _block_class(getattr(config, "model_type", None))
+    family = _family_of_type(getattr(config, "model_type", None))
     for name in names:
         layer = model.get_submodule(name)
-        block = _empty_block(block_cls, config, layer)
+        block = _empty_block(family, config, layer)
         _replace(model, name, moe_layer_to_hf(layer, block).train(layer.training))
     return names

@@ -4,7 +4,7 @@ Legend: ``T`` tokens, ``D`` model width, ``E`` routed experts, ``K`` slots per t
 router's ``top_k``, or for padded routings the most experts any token reached), ``A`` kept
 assignments.
 
-In ``transformers`` 5.x every supported block (see :data:`~lightning_moe.integrations.hf.HF_BLOCK_VIEWS`)
+In ``transformers`` 5.x every supported block (see :data:`~lightning_moe.integrations.hf.HF_FAMILIES`)
 does ``_, weights_TK, indices_TK = self.gate(hidden)`` and then ``self.experts(hidden_TD,
 indices_TK, weights_TK)``. :func:`swap_routers` puts a :class:`RouterGate` in place of ``gate``: it
 runs one of our routers and returns the same triple, so the fused experts, the shared experts and
@@ -34,18 +34,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_moe import discovery
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.integrations.hf import (
-    HF_BLOCK_VIEWS,
+    HF_FAMILIES,
     HFMoEView,
-    _fused_expert_tensors,
     disable_router_aux_loss,
+    family_of,
     find_hf_blocks,
+    fused_expert_tensors,
     transformers_version,
 )
 from lightning_moe.layers.moe_layer import route
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.layers.view import forget_view
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.factory import RouterFactory
 from lightning_moe.routing.routing import Router, Routing
@@ -81,7 +83,7 @@ def routing_to_topk(routing: Routing, pad_index: int, top_k: int | None = None) 
     return weights_TK, indices_TK
 
 
-class RouterGate(nn.Module):
+class RouterGate(RoutingRecorder, nn.Module):
     """A Hugging Face 5.x MoE gate that runs one of our routers.
 
     ``forward(hidden)`` (``(..., D)``, flattened to ``(T, D)``) returns ``(logits_TE, weights_TK,
@@ -134,8 +136,7 @@ class RouterGate(nn.Module):
         routing = route(self.router, hidden, self.capacity, self.training)
         weights_TK, indices_TK = routing_to_topk(routing, self.pad_index, self._token_major_k(routing))
         self.routing = routing
-        self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
-        self.stats = RoutingStats.from_routing(routing)
+        self.record(routing)
         return routing.logits_TE, weights_TK.to(hidden.dtype), indices_TK
 
     def extra_repr(self) -> str:
@@ -160,14 +161,15 @@ def swap_routers(
     new routers.
 
     Args:
-        model: any module holding ``transformers`` 5.x MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE,
-            OLMoE, DeepSeek-V3), e.g. a ``*ForCausalLM``.
+        model: any module holding ``transformers`` 5.x MoE blocks of the families in
+            :data:`~lightning_moe.integrations.hf.HF_FAMILIES`, e.g. a ``*ForCausalLM``.
         router_factory: called as ``router_factory(d_model, num_experts)`` once per block; must
             build a :class:`Router` of that size.
         balancers: auxiliary losses of every new gate (shared objects, as in ``MoELayer``).
         init_from_gate: copy the old gate's ``(E, D)`` weight into the router's
-            ``scorer.weight_ED`` (the router's scorer must be a :class:`LinearScorer`) and
-            DeepSeek-V3's ``e_score_correction_bias`` into its ``expert_bias_E`` when it has one;
+            ``scorer.weight_ED`` (the router's scorer must be a :class:`LinearScorer`) and the
+            family's expert bias (DeepSeek-V3's ``e_score_correction_bias``) into its
+            ``expert_bias_E`` when it has one;
             with the family's selection rule the model then routes exactly as before.
         capacity: expert capacity of every new gate; ``None`` is dropless.
 
@@ -176,7 +178,7 @@ def swap_routers(
     """
     blocks = find_hf_blocks(model)
     if not blocks:
-        supported = ", ".join(f"{view.family} ({name})" for name, view in HF_BLOCK_VIEWS.items())
+        supported = ", ".join(f"{f.name} ({', '.join(f.block_classes)})" for f in HF_FAMILIES.values())
         raise ValueError(f"swap_routers found no supported Hugging Face MoE block in {type(model).__name__}; "
                          f"supported families (block class): {supported}.")
     # Every gate is built (and every error raised) before the first block changes.
@@ -197,7 +199,7 @@ def _new_gate(name: str, block: nn.Module, router_factory: RouterFactory, balanc
         raise ValueError(f"`router_factory` must build a Router for d_model={d_model}, num_experts={num_experts} "
                          f"(block {name!r}), got {router!r}.")
     if init_from_gate:
-        _init_from_gate(name, router, old_gate)
+        _init_from_gate(name, router, old_gate, family_of(block).expert_bias)
     _place_like(router, old_gate)
     gate = RouterGate(router, balancers, capacity, getattr(block.experts, "config", None))
     return gate.train(old_gate.training)  # capacity and jitter depend on the mode
@@ -220,15 +222,16 @@ def _gate_size(name: str, block: nn.Module) -> tuple[int, int]:
             raise ValueError(f"{type(block).__name__} {name!r}: its `gate` has no (E, D) `weight`; swap_routers "
                              "supports the transformers>=5 routers only.")
         num_experts, d_model = weight.shape
-    if not isinstance(experts, nn.Module) or not _fused_expert_tensors(experts, num_experts):
+    if not isinstance(experts, nn.Module) or not fused_expert_tensors(experts, num_experts):
         raise ValueError(f"{type(block).__name__} {name!r}: no fused `experts` whose parameters' dim 0 has the "
                          f"{num_experts} experts; swap_routers supports the transformers>=5 layout only.")
     return d_model, num_experts
 
 
 @torch.no_grad()
-def _init_from_gate(name: str, router: Router, gate: nn.Module) -> None:
-    """Copy the old gate's ``(E, D)`` weight (and bias offset) into ``router``."""
+def _init_from_gate(name: str, router: Router, gate: nn.Module, bias_name: str | None) -> None:
+    """Copy the old gate's ``(E, D)`` weight (and its bias offset ``bias_name``, the family's
+    ``expert_bias``) into ``router``."""
     scorer = getattr(router, "scorer", None)
     if not isinstance(scorer, LinearScorer):
         raise ValueError(f"`init_from_gate=True` needs routers whose scorer is a LinearScorer (it takes the gate's "
@@ -240,7 +243,7 @@ def _init_from_gate(name: str, router: Router, gate: nn.Module) -> None:
                              f"LinearScorer ({type(old_scorer).__name__}); there is no (E, D) weight to copy.")
         weight_ED, bias_E = old_scorer.weight_ED, getattr(gate.router, "expert_bias_E", None)
     else:
-        weight_ED, bias_E = gate.weight, getattr(gate, "e_score_correction_bias", None)
+        weight_ED, bias_E = gate.weight, None if bias_name is None else getattr(gate, bias_name, None)
     scorer.weight_ED.copy_(weight_ED.to(scorer.weight_ED.dtype))
     own_bias = getattr(router, "expert_bias_E", None)
     if isinstance(bias_E, Tensor) and own_bias is not None:
@@ -260,6 +263,6 @@ def _place_like(router: Router, gate: nn.Module) -> None:
 
 def _forget_view(block: nn.Module) -> None:
     """Drop discovery's cached view of ``block`` and its hook on the old gate."""
-    stale = discovery.forget_view(block)
+    stale = forget_view(block)
     if isinstance(stale, HFMoEView):
         stale.remove_hook()

@@ -122,3 +122,24 @@ class MoELayerView:
 
 def _no_module() -> None:
     return None
+
+
+# Discovery caches one view per layer, keyed weakly by the layer, so hooks a view registers are
+# registered once; code that changes a layer's layout (swapping its router) forgets the view.
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, MoELayerView] = weakref.WeakKeyDictionary()
+
+
+def cached_view(module: nn.Module) -> MoELayerView | None:
+    """The view discovery made of ``module`` earlier, if any."""
+    return _VIEWS.get(module)
+
+
+def remember_view(module: nn.Module, view: MoELayerView) -> None:
+    """Cache ``view`` as the view of ``module``."""
+    _VIEWS[module] = view
+
+
+def forget_view(module: nn.Module) -> MoELayerView | None:
+    """Drop the cached view of ``module`` (after its layout changed, e.g. its router was swapped) and
+    return it; the next :func:`~lightning_moe.discovery.find_moe_layers` builds a new one."""
+    return _VIEWS.pop(module, None)

@@ -152,6 +152,26 @@ class TopKRouter(Router):
                 f"expert_bias={self.expert_bias_E is not None}, gating_kernel={self.gating_kernel!r}")
 
 
+def group_limited_mask(choice_TE: Tensor, num_groups: int, topk_groups: int,
+                       group_score: Literal["max", "top2_sum"] = "max") -> Tensor:
+    """``(T, E)`` bool: the experts inside each token's ``topk_groups`` best groups.
+
+    The E experts form ``num_groups`` equal groups of consecutive experts; a group scores a token
+    by its best expert's ``choice_TE`` (``"max"``) or the sum of its two best (``"top2_sum"``,
+    DeepSeek-V3). :class:`GroupLimitedTopKRouter` and the Hugging Face DeepSeek-V3 view both select
+    through this mask; arguments are not checked here (the router checks them when it is built).
+    """
+    num_tokens, num_experts = choice_TE.shape
+    choice_TGS = choice_TE.view(num_tokens, num_groups, num_experts // num_groups)
+    if group_score == "max":
+        group_TG = choice_TGS.amax(dim=-1)
+    else:
+        group_TG = choice_TGS.topk(2, dim=-1).values.sum(dim=-1)
+    groups_TM = group_TG.topk(topk_groups, dim=-1).indices
+    mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, groups_TM, True)
+    return mask_TG.repeat_interleave(num_experts // num_groups, dim=1)
+
+
 class GroupLimitedTopKRouter(TopKRouter):
     """Group-limited (device-limited) top-k: the best ``topk_groups`` groups, then top-k inside them.
 
@@ -208,15 +228,7 @@ class GroupLimitedTopKRouter(TopKRouter):
 
     def group_mask(self, choice_TE: Tensor) -> Tensor:
         """``(T, E)`` bool: the experts inside each token's ``topk_groups`` best groups."""
-        num_tokens = choice_TE.shape[0]
-        choice_TGS = choice_TE.view(num_tokens, self.num_groups, -1)
-        if self.group_score == "max":
-            group_TG = choice_TGS.amax(dim=-1)
-        else:
-            group_TG = choice_TGS.topk(2, dim=-1).values.sum(dim=-1)
-        groups_TM = group_TG.topk(self.topk_groups, dim=-1).indices
-        mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, groups_TM, True)
-        return mask_TG.repeat_interleave(self.num_experts // self.num_groups, dim=1)
+        return group_limited_mask(choice_TE, self.num_groups, self.topk_groups, self.group_score)
 
     def select(self, choice_TE: Tensor) -> Tensor:
         masked_TE = choice_TE.masked_fill(~self.group_mask(choice_TE), float("-inf"))

@@ -36,13 +36,13 @@ def olmoe() -> nn.Module:
         **TOKENS, **SMALL, intermediate_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2))
 
 
-def deepseek_v3() -> nn.Module:
+def deepseek_v3(n_shared_experts: int = 1) -> nn.Module:
     # 8 experts in 4 groups of 2, 2 groups kept: the group limit changes choices. Layer 0 is dense.
     return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
         **TOKENS, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-        moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8))
+        moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8, n_shared_experts=n_shared_experts,
+        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))
 
 
 # family -> (builder, MoE block names, experts, top-k)

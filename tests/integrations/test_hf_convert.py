@@ -14,12 +14,13 @@ from torch import Tensor, nn
 
 transformers = pytest.importorskip("transformers", reason="install the `hf` extra: pip install -e '.[hf]'")
 
-from hf_models import BATCH, FAMILIES, SEQ, build, ids  # noqa: E402
+from hf_models import BATCH, FAMILIES, SEQ, SMALL, TOKENS, build, deepseek_v3, ids  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 from lightning_moe.balancing.losses import SwitchAuxLoss  # noqa: E402
 from lightning_moe.discovery import LightningMoEView, find_moe_layers  # noqa: E402
+from lightning_moe.integrations.hf import HF_FAMILIES, HFFamily, HFMoEView, supported_families  # noqa: E402
 from lightning_moe.integrations.hf_convert import (  # noqa: E402
-    HF_BLOCK_CLASSES,
     hf_family,
     moe_layer_from_hf,
     moe_layer_to_hf,
@@ -29,6 +30,8 @@ from lightning_moe.integrations.hf_convert import (  # noqa: E402
 from lightning_moe.layers import MoELayer  # noqa: E402
 from lightning_moe.routing import ExpertChoiceRouter, GroupLimitedTopKRouter, MLPScorer, TopKRouter  # noqa: E402
 from lightning_moe.routing.capacity import ExpertCapacity  # noqa: E402
+from lightning_moe.routing.routing import Routing  # noqa: E402
+from lightning_moe.routing.topk import token_choice_routing  # noqa: E402
 
 
 def randomise(model: nn.Module, family: str) -> None:
@@ -68,7 +71,7 @@ def _grads(family: str, block: nn.Module, layer: MoELayer) -> list[tuple[str, Te
              ("up", up_EFD[:, F:].transpose(1, 2), layer.experts.w_up_EDF.grad),
              ("down", down_EDF.transpose(1, 2), layer.experts.w_out_EFD.grad)]
     shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
-    if shared is not None:
+    if shared is not None and layer.shared_expert is not None:
         pairs += [(f"shared.{o}", getattr(shared, t).weight.grad, getattr(layer.shared_expert, o).weight.grad)
                   for o, t in (("gate", "gate_proj"), ("up", "up_proj"), ("out", "down_proj"))]
     if family == "qwen2_moe":
@@ -85,12 +88,8 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, rtol: float = 1e-5
 # -- block level --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dispatcher", ["loop", "grouped"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_block_parity_forward_backward_and_choices(family: str, dispatcher: str) -> None:
-    _, block = block_of(family)
-    layer = moe_layer_from_hf(block, dispatcher=dispatcher)
-    assert hf_family(block) == family
+def assert_block_parity(family: str, block: nn.Module, layer: MoELayer) -> None:
+    """Same experts chosen, same output, same input and weight gradients as the HF block."""
     D = block.gate.weight.shape[1]
     x_hf = torch.randn(BATCH, SEQ, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
     x_ours = x_hf.detach().clone().requires_grad_(True)
@@ -107,6 +106,101 @@ def test_block_parity_forward_backward_and_choices(family: str, dispatcher: str)
     assert_close("input grad", x_ours.grad, x_hf.grad)
     for name, expected, actual in _grads(family, block, layer):
         assert_close(f"{name} grad", actual, expected)
+
+
+@pytest.mark.parametrize("dispatcher", ["loop", "grouped"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_parity_forward_backward_and_choices(family: str, dispatcher: str) -> None:
+    _, block = block_of(family)
+    layer = moe_layer_from_hf(block, dispatcher=dispatcher)
+    assert hf_family(block) == family
+    assert_block_parity(family, block, layer)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_deepseek_with_no_shared_experts_converts_without_one() -> None:
+    """``n_shared_experts=0``: transformers builds a zero-width shared MLP (output exactly 0); our layer has none."""
+    torch.manual_seed(0)
+    model = deepseek_v3(n_shared_experts=0).eval()
+    randomise(model, "deepseek_v3")
+    block = model.get_submodule(FAMILIES["deepseek_v3"][1][0])
+    assert block.shared_experts.gate_proj.weight.shape[0] == 0
+    layer = moe_layer_from_hf(block, dispatcher="loop")
+    assert layer.shared_expert is None and layer.shared_d_ff == 0
+    assert_block_parity("deepseek_v3", block, layer)
+
+    fresh = type(block)(model.config).eval()
+    moe_layer_to_hf(layer, fresh)
+    expected, actual = block.state_dict(), fresh.state_dict()
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    tokens = ids()
+    with torch.no_grad():
+        before = model(tokens).logits
+        to_lightning_moe(model)
+        assert_close("logits", model(tokens).logits, before)
+        to_hugging_face(model)
+        assert torch.equal(model(tokens).logits, before)
+
+
+def test_a_new_family_is_one_table_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block class the table did not know, described by one entry: discovery, conversion and messages follow."""
+    model, block = block_of("qwen3_moe")
+    block.__class__ = type("MyMoeBlock", (type(block),), {})  # matched by its own name before its base's
+    monkeypatch.setitem(HF_FAMILIES, "my_moe", HFFamily("my_moe", "My-MoE", ("MyMoeBlock",), "unused", HFMoEView))
+    assert hf_family(block) == "my_moe" and supported_families().endswith("DeepSeek-V3 and My-MoE")
+    view = find_moe_layers(model)[0]
+    assert view.module is block and type(view) is HFMoEView and view.family == "my_moe"
+    layer = moe_layer_from_hf(block)
+    assert layer.router.renormalize is True  # read from the gate's norm_topk_prob
+    assert_block_parity("qwen3_moe", block, layer)
+
+
+def _softmax_topk(logits_TE: Tensor, top_k: int) -> Routing:
+    """The routing HF's load-balancing loss assumes: softmax scores, top-k of them."""
+    scores_TE = logits_TE.float().softmax(dim=-1)
+    gates_TK, experts_TK = scores_TE.topk(top_k, dim=-1)
+    return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+
+
+def test_switch_aux_coefficient_corresponds_to_router_aux_loss_coef() -> None:
+    """The relation stated in hf_convert's docstring, on a 4-layer Mixtral's own router logits."""
+    L, E, K, c = 4, 4, 2, 0.02
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **TOKENS, **SMALL, intermediate_size=64, num_hidden_layers=L, num_local_experts=E, num_experts_per_tok=K,
+        output_router_logits=True, router_aux_loss_coef=c)).eval()
+    with torch.no_grad():  # sharper gates: the layers' loads differ
+        for block in (model.get_submodule(f"model.layers.{i}.mlp") for i in range(L)):
+            block.gate.weight.mul_(30)
+        tokens = ids()
+        out = model(tokens, labels=tokens)
+        lm_only = model(tokens, labels=tokens, output_router_logits=False).loss
+    hf = c * out.aux_loss
+    assert_close("what the model adds", out.loss - lm_only, hf, rtol=1e-4)
+    logits = out.router_logits
+    routings = [_softmax_topk(logits_TE, K) for logits_TE in logits]
+
+    for logits_TE, routing in zip(logits, routings, strict=True):  # one block: exact
+        assert_close("one layer", SwitchAuxLoss(K * c).loss(routing), c * load_balancing_loss_func((logits_TE,), E, K))
+    assert_close("pooled", SwitchAuxLoss(K * c).loss(_softmax_topk(torch.cat(logits), K)), hf)
+
+    per_layer = sum(SwitchAuxLoss(K * c / L).loss(r) for r in routings)
+    f_LE = torch.stack([r.tokens_per_expert().float() / r.expert_A.numel() for r in routings])
+    p_LE = torch.stack([r.scores_TE.mean(dim=0) for r in routings])
+    covariance = ((f_LE * p_LE).mean(dim=0) - f_LE.mean(dim=0) * p_LE.mean(dim=0)).sum()
+    assert not torch.allclose(per_layer, hf, rtol=1e-2)
+    assert_close("per layer", per_layer, hf + K * c * E * covariance)
+
+    # Every layer routing alike: the per-layer losses sum to HF's, and push each layer's logits the same way.
+    theirs = [logits[0].detach().clone().requires_grad_(True) for _ in range(L)]
+    ours = [logits[0].detach().clone().requires_grad_(True) for _ in range(L)]
+    hf_same = c * load_balancing_loss_func(tuple(theirs), E, K)
+    ours_same = sum(SwitchAuxLoss(K * c / L).loss(_softmax_topk(x, K)) for x in ours)
+    assert_close("same routing", ours_same, hf_same)
+    hf_same.backward()
+    ours_same.backward()
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert_close("logit grad", mine.grad, reference.grad)
 
 
 def test_deepseek_bias_scaling_and_group_limit_all_matter() -> None:
@@ -208,9 +302,12 @@ def test_output_router_logits_is_switched_off_with_a_warning() -> None:
     assert torch.isfinite(model(ids(), labels=ids()).loss)
 
 
-def test_block_classes_are_the_families_of_discovery() -> None:
+def test_the_family_table_names_each_model_type_and_its_block_class() -> None:
     model_types = {build(f).config.model_type for f in FAMILIES}
-    assert set(HF_BLOCK_CLASSES) == set(FAMILIES) == model_types
+    assert set(HF_FAMILIES) == set(FAMILIES) == model_types
+    for name, family in HF_FAMILIES.items():
+        block = build(name).get_submodule(FAMILIES[name][1][0])
+        assert family.name == name and family.block_class() is type(block)
 
 
 # -- errors -------------------------------------------------------------------------------------

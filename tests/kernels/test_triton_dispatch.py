@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_moe.dispatch import get_dispatcher, grouped_dispatch, triton_dispatch
+from lightning_moe.dispatch import grouped_dispatch, triton_dispatch
 from lightning_moe.dispatch.triton import fallback_reason
 from lightning_moe.layers import MoELayer
 from lightning_moe.routing import ExpertCapacity, TopKRouter
