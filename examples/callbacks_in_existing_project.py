@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from lightning_moe.callbacks import DeadExpertDetector, RoutingEntropyLogger
+from lightning_moe.callbacks import DeadExpertDetector, RoutingMonitor
 from lightning_moe.discovery import find_moe_layers
 
 SEQ_LEN = 64
@@ -68,7 +68,7 @@ def main(log_dir: Path) -> None:
     module = MixtralLM()
     logger = TensorBoardLogger(log_dir, name="hf_mixtral_callbacks")
     callbacks = [
-        RoutingEntropyLogger(image_every_n_steps=20),
+        RoutingMonitor(image_every_n_steps=20),
         DeadExpertDetector(window=20, threshold=0.1, action="warn"),
     ]
     trainer = L.Trainer(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_moe.balancing.losses import SwitchAuxLoss
-from lightning_moe.callbacks import RoutingEntropyLogger
+from lightning_moe.callbacks import RoutingMonitor
 from lightning_moe.data import TextDataModule
 from lightning_moe.discovery import find_moe_layers
 from lightning_moe.hf_module import HFMoEFineTune
@@ -66,7 +66,7 @@ def main(max_steps: int, log_dir: Path) -> None:
 
     trainer = L.Trainer(
         max_steps=max_steps, logger=TensorBoardLogger(log_dir, name="finetune_hf_moe"), log_every_n_steps=5,
-        callbacks=[RoutingEntropyLogger(image_every_n_steps=10)], limit_val_batches=0, accelerator="cpu",
+        callbacks=[RoutingMonitor(image_every_n_steps=10)], limit_val_batches=0, accelerator="cpu",
         devices=1, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
     )
     with warnings.catch_warnings():

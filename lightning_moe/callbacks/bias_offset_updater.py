@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_moe.balancing.losses import bias_update
 from lightning_moe.callbacks._utils import discover, reduce_sum
@@ -38,6 +39,10 @@ class BiasOffsetUpdater(Callback):
     over the loads of the update, DeepSeek's MaxVio; 0 is perfect balance) and
     ``bias_offset/max_abs`` (the largest absolute bias).
 
+    One per model: two would both move the same biases. So its checkpoint state keeps Lightning's
+    default ``state_key``, the class name, under which a Trainer refuses a second instance; and a
+    resumed run may change ``rate``.
+
     Args:
         rate: update rate ``u`` (>= 0) or a :class:`Schedule` of it. DeepSeek-V3 uses 1e-3 for
             most of training and 0 at the end. The bias is added to normalised scores (softmax
@@ -52,6 +57,7 @@ class BiasOffsetUpdater(Callback):
         self.num_updates = 0
         self.last_max_violation: float | None = None
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         views = discover(pl_module, type(self).__name__)
         self._views = [v for v in views if v.expert_bias is not None]
@@ -81,10 +87,12 @@ class BiasOffsetUpdater(Callback):
         loads_LE = torch.stack(loads)
         self._pending = loads_LE if self._pending is None else self._pending + loads_LE
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._counted_this_batch = False
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if not self._views:
@@ -105,6 +113,7 @@ class BiasOffsetUpdater(Callback):
         self.last_max_violation = float((loads_LE.amax(dim=1) / mean_L - 1.0).mean())
         self.num_updates += 1
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._counted_this_batch:
@@ -114,6 +123,7 @@ class BiasOffsetUpdater(Callback):
             pl_module.log("bias_offset/max_violation", self.last_max_violation, on_step=True, on_epoch=False)
             pl_module.log("bias_offset/max_abs", max_abs, on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # The biases themselves are buffers of the model and live in its state_dict.
         return {
@@ -122,11 +132,13 @@ class BiasOffsetUpdater(Callback):
             "last_max_violation": self.last_max_violation,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = state_dict["num_updates"]
         self._pending = state_dict["pending"]
         self.last_max_violation = state_dict["last_max_violation"]
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None and self._views:
             self._pending = self._pending.to(self._views[0].expert_bias.device)

@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_moe._validate import check_non_negative, check_positive_int
-from lightning_moe.callbacks._utils import discover, reduce_sum
+from lightning_moe.callbacks._utils import adopt_former_state, discover, reduce_sum
 from lightning_moe.discovery import MoELayerView
 
 DeadAction = Literal["warn", "raise", "revive"]
@@ -42,7 +43,9 @@ class DeadExpertDetector(Callback):
 
     It logs ``dead_experts/count`` (dead experts in all layers, from the last complete window)
     and, per layer, ``dead_experts/layer{i}``. ``dead_experts`` holds the last report as
-    ``{layer name: [expert indices]}`` and ``revived`` counts the experts revived.
+    ``{layer name: [expert indices]}`` and ``revived`` counts the experts revived. Its checkpoint
+    state is keyed by ``window``, ``threshold`` and ``action``, so detectors that differ in one of
+    them keep separate states (e.g. one that warns early and one that stops training).
 
     Args:
         window: training batches per window, >= 1.
@@ -80,9 +83,17 @@ class DeadExpertDetector(Callback):
         self.dead_per_layer: list[int] | None = None
         self.revived = 0
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Detectors that differ in what they look for or do keep separate checkpoint states.
+        return self._generate_state_key(window=self.window, threshold=self.threshold, action=self.action)
+
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._views = discover(pl_module, type(self).__name__)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # Counts stay on the strategy's device until the window ends: no host sync per batch.
@@ -153,6 +164,7 @@ class DeadExpertDetector(Callback):
             _reset_optimizer_rows(trainer, view.revive(dead, sources, self.noise, generator))
             self.revived += len(dead)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "counts": None if self._counts is None else self._counts.cpu(),
@@ -162,6 +174,12 @@ class DeadExpertDetector(Callback):
             "revived": self.revived,
         }
 
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the key named the arguments keyed the state by the class name.
+        adopt_former_state(checkpoint, self.state_key, type(self).__qualname__)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._counts = state_dict["counts"]
         self.batches_in_window = state_dict["batches_in_window"]

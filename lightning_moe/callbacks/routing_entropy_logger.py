@@ -1,4 +1,6 @@
-"""``RoutingEntropyLogger``: routing entropy, expert load balance, dropped tokens and collapse of every MoE layer.
+"""``RoutingMonitor``: routing entropy, expert load balance, dropped tokens and collapse of every MoE layer.
+
+``RoutingEntropyLogger`` is its former name, kept as an alias (also in YAML class paths).
 
 Legend: ``E`` experts, ``L`` MoE layers.
 """
@@ -16,9 +18,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_moe._validate import check_non_negative_int
-from lightning_moe.callbacks._utils import discover
+from lightning_moe.callbacks._utils import adopt_former_state, discover
 from lightning_moe.discovery import MoELayerView
 from lightning_moe.metrics import DroppedFraction, ExpertLoad, RoutingEntropy, load_summary
 
@@ -31,7 +34,7 @@ HEATMAP_TARGET_PX = 256
 
 
 class RoutingCollapseWarning(UserWarning):
-    """Warned on rank 0 by :class:`RoutingEntropyLogger`, once per layer, when a layer's routing collapses."""
+    """Warned on rank 0 by :class:`RoutingMonitor`, once per layer, when a layer's routing collapses."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class _LayerMetrics:
         return self.entropy, self.load, self.dropped
 
 
-class RoutingEntropyLogger(Callback):
+class RoutingMonitor(Callback):
     """Log how every MoE layer routes (token entropy, load balance, dropped assignments) and flag collapse.
 
     Works on any LightningModule whose MoE layers :func:`~lightning_moe.discovery.find_moe_layers`
@@ -213,14 +216,17 @@ class RoutingEntropyLogger(Callback):
         self.warned_layers: set[int] = set()
 
     @property
+    @override
     def state_key(self) -> str:
         # Several instances with different prefixes keep separate checkpoint states.
-        return f"{type(self).__qualname__}{{'prefix': {self.prefix!r}}}"
+        return self._generate_state_key(prefix=self.prefix)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._views = discover(pl_module, type(self).__name__)
         self._metrics = [_LayerMetrics(view.num_experts) for view in self._views]
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
@@ -242,6 +248,7 @@ class RoutingEntropyLogger(Callback):
             for logger in tensorboards:
                 self._write_images(logger, layers, step)
 
+    @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.log_validation or trainer.sanity_checking:
@@ -374,6 +381,7 @@ class RoutingEntropyLogger(Callback):
         image_HWC = load_heatmap([layer.share_E for layer in layers])
         experiment.add_image(f"{self.prefix}/load_heatmap", image_HWC, global_step=step, dataformats="HWC")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "train_batches": self.train_batches,
@@ -383,6 +391,12 @@ class RoutingEntropyLogger(Callback):
             "collapse_warned_layers": sorted(self.warned_layers),
         }
 
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the rename keyed the state by the former class name.
+        adopt_former_state(checkpoint, self.state_key, f"RoutingEntropyLogger{{'prefix': {self.prefix!r}}}")
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches = int(state_dict["train_batches"])
         self.val_batches = int(state_dict["val_batches"])
@@ -391,6 +405,11 @@ class RoutingEntropyLogger(Callback):
         self.last_image_step = None if last is None else int(last)
         # Checkpoints written before the collapse alert have no warned layers.
         self.warned_layers = {int(i) for i in state_dict.get("collapse_warned_layers", [])}
+
+
+#: The former name (the callback logs load, drops and heatmaps as well as entropy); still valid in
+#: YAML as ``class_path: lightning_moe.callbacks.RoutingEntropyLogger``.
+RoutingEntropyLogger = RoutingMonitor
 
 
 def _is_number_in(value: Any, low: float, high: float, open_low: bool = False) -> bool:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.callbacks._utils import discover
-from lightning_moe.callbacks.schedule import Schedule, ScheduleKind
+from lightning_moe.callbacks.schedule import Schedule, as_schedule
 
 
 class ZLossScheduler(Callback):
@@ -20,30 +22,34 @@ class ZLossScheduler(Callback):
     ``seq_aux_loss``, ``device_aux_loss`` and ``comm_balance_loss`` schedule the other losses the
     same way). The schedule is a pure function of the step, so a resumed run continues exactly;
     the coefficient last set is also kept in the checkpoint and restored before validation runs.
-    Logs ``schedule/<balancer>_coeff``.
+    Logs ``schedule/<balancer>_coeff``. Checkpoint state is keyed by ``balancer``, so one
+    scheduler per balancer can run side by side.
 
-    Typical uses: a z-loss that warms up once logits start to grow (``kind="linear"``), or an
-    auxiliary loss that decays (``kind="cosine"``) once the router has settled.
+    Typical uses: a z-loss that warms up once logits start to grow
+    (``Schedule("linear", value=1e-3, warmup_steps=200)``), or an auxiliary loss that decays
+    (``kind="cosine"``) once the router has settled. In YAML the schedule nests::
+
+        class_path: lightning_moe.callbacks.ZLossScheduler
+        init_args:
+          balancer: z_loss
+          schedule:
+            class_path: lightning_moe.callbacks.Schedule
+            init_args: {kind: linear, value: 0.001, warmup_steps: 200}
 
     Args:
-        kind, value, start_value, final_value, warmup_steps, total_steps, step_size, gamma:
-            the :class:`Schedule`.
+        schedule: the coefficient as a :class:`Schedule` of the optimizer step, or a float >= 0
+            for a constant one. ``None`` (the default) is
+            ``Schedule("linear", value=1e-3, warmup_steps=1000)``: a warm-up from 0 to 1e-3 over
+            the first 1000 steps.
         balancer: name of the balancer to schedule (``Balancer.name``).
     """
 
-    def __init__(
-        self,
-        kind: ScheduleKind = "linear",
-        value: float = 1e-3,
-        start_value: float = 0.0,
-        final_value: float = 0.0,
-        warmup_steps: int = 1000,
-        total_steps: int | None = None,
-        step_size: int = 1000,
-        gamma: float = 0.5,
-        balancer: str = "z_loss",
-    ) -> None:
-        self.schedule = Schedule(kind, value, start_value, final_value, warmup_steps, total_steps, step_size, gamma)
+    def __init__(self, schedule: float | Schedule | None = None, balancer: str = "z_loss", **flat: Any) -> None:
+        if flat:  # the Schedule's arguments were once ZLossScheduler's own: say where they went
+            raise _flat_arguments_error(flat)
+        if schedule is None:
+            schedule = Schedule("linear", value=1e-3, warmup_steps=1000)
+        self.schedule = as_schedule(schedule, "schedule")
         if not isinstance(balancer, str) or not balancer:
             raise ValueError(f"`balancer` must be a balancer name such as 'z_loss', got {balancer!r}.")
         self.balancer = balancer
@@ -51,9 +57,11 @@ class ZLossScheduler(Callback):
         self.coeff: float | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(balancer=self.balancer)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         views = discover(pl_module, type(self).__name__)
         targets: dict[int, Balancer] = {}
@@ -74,17 +82,21 @@ class ZLossScheduler(Callback):
         for balancer in self._targets:
             balancer.coeff = coeff
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply(self.coeff if self.coeff is not None else self.schedule(trainer.global_step))
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._apply(self.schedule(trainer.global_step))
         pl_module.log(f"schedule/{self.balancer}_coeff", self.coeff, on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"coeff": self.coeff, "balancer": self.balancer}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("balancer", self.balancer) != self.balancer:
             raise ValueError(
@@ -92,3 +104,16 @@ class ZLossScheduler(Callback):
                 f"{self.balancer!r}."
             )
         self.coeff = state_dict.get("coeff")
+
+
+def _flat_arguments_error(flat: dict[str, Any]) -> TypeError:
+    """The error for keyword arguments ``ZLossScheduler`` does not take, naming ``schedule`` for the Schedule's."""
+    unknown = sorted(set(flat) - set(inspect.signature(Schedule).parameters))
+    if unknown:
+        return TypeError(f"ZLossScheduler got unexpected keyword arguments {unknown}.")
+    call = ", ".join(f"{name}={value!r}" for name, value in flat.items())
+    return TypeError(
+        f"ZLossScheduler takes the schedule as one argument: pass `schedule=Schedule({call})` instead of "
+        f"{', '.join(f'`{name}`' for name in flat)} (in YAML, nest them under `schedule:` with "
+        "`class_path: lightning_moe.callbacks.Schedule` and `init_args:`)."
+    )

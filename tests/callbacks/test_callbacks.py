@@ -1,6 +1,8 @@
 """BiasOffsetUpdater, DeadExpertDetector, ZLossScheduler and Schedule on the tiny model under a real Trainer."""
 
+import json
 import math
+import re
 from functools import partial
 from pathlib import Path
 
@@ -95,14 +97,14 @@ class CoeffRecorder(L.Callback):
 def test_zloss_scheduler_sets_the_coefficient_every_step_and_resumes(tmp_path: Path) -> None:
     z = ZLoss(0.5)
     model = tiny(balancers=[SwitchAuxLoss(0.01), z])
-    sched = ZLossScheduler(kind="linear", value=1e-2, start_value=0.0, warmup_steps=4)
+    sched = ZLossScheduler(Schedule("linear", value=1e-2, start_value=0.0, warmup_steps=4))
     rec = CoeffRecorder(z)
     fit(model, [sched, rec], max_steps=6, tmp_path=tmp_path)
     assert rec.coeffs == pytest.approx({s: min(s, 4) / 4 * 1e-2 for s in range(6)})
     assert all(m.balancers[1] is z for m in model.model.moe_layers())
     # Resume from step 3: the checkpoint restores the coefficient and the schedule continues.
     z2 = ZLoss(0.5)
-    sched2 = ZLossScheduler(kind="linear", value=1e-2, start_value=0.0, warmup_steps=4)
+    sched2 = ZLossScheduler(Schedule("linear", value=1e-2, start_value=0.0, warmup_steps=4))
     rec2 = CoeffRecorder(z2)
     fit(tiny(balancers=[SwitchAuxLoss(0.01), z2]), [sched2, rec2], max_steps=6,
         ckpt_path=str(tmp_path / "step=3.ckpt"))
@@ -112,12 +114,45 @@ def test_zloss_scheduler_sets_the_coefficient_every_step_and_resumes(tmp_path: P
 
 def test_zloss_scheduler_schedules_any_balancer_and_names_missing_ones() -> None:
     aux = SwitchAuxLoss(0.01)
-    fit(tiny(balancers=[aux]), [ZLossScheduler(kind="constant", value=0.2, balancer="aux_loss")], max_steps=1)
+    fit(tiny(balancers=[aux]), [ZLossScheduler(0.2, balancer="aux_loss")], max_steps=1)  # a float: constant
     assert aux.coeff == 0.2
     with pytest.raises(ValueError, match=r"balancer='z_loss'.*the layers have \['aux_loss'\]"):
         fit(tiny(balancers=[SwitchAuxLoss(0.01)]), [ZLossScheduler()], max_steps=1)
     with pytest.raises(ValueError, match="`balancer` must be a balancer name"):
         ZLossScheduler(balancer="")
+
+
+def test_zloss_scheduler_default_and_bad_schedules() -> None:
+    default = ZLossScheduler().schedule  # a linear warm-up from 0 to 1e-3 over 1000 steps
+    assert [default(s) for s in (0, 500, 1000, 5000)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    # The Schedule's arguments, once ZLossScheduler's own, are refused with the call that replaces them.
+    with pytest.raises(TypeError, match=re.escape("pass `schedule=Schedule(kind='linear', warmup_steps=200)`")):
+        ZLossScheduler(kind="linear", warmup_steps=200, balancer="aux_loss")
+    with pytest.raises(TypeError, match=re.escape("unexpected keyword arguments ['balancr']")):
+        ZLossScheduler(balancr="aux_loss")
+    with pytest.raises(ValueError, match="`schedule` must be a float >= 0 or a Schedule, got 'linear'"):
+        ZLossScheduler("linear")  # the former first positional argument, `kind`
+    with pytest.raises(ValueError, match="`schedule` must be a number >= 0"):
+        ZLossScheduler(-1.0)
+
+
+def test_zloss_scheduler_in_yaml_takes_a_nested_schedule() -> None:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callback", type=L.Callback)
+    nested = {"class_path": "lightning_moe.callbacks.ZLossScheduler", "init_args": {
+        "balancer": "aux_loss",
+        "schedule": {"class_path": "lightning_moe.callbacks.Schedule",
+                     "init_args": {"kind": "cosine", "value": 0.1, "total_steps": 10}}}}
+    callback = parser.instantiate(parser.parse_args(["--callback", json.dumps(nested)])).callback
+    assert callback.balancer == "aux_loss" and callback.schedule(10) == 0.0
+    assert repr(callback.schedule) == "Schedule(kind='cosine', value=0.1, start_value=0.0, final_value=0.0, " \
+                                      "warmup_steps=0, total_steps=10)"
+    # The former flat arguments fail while parsing, naming the first one not accepted.
+    flat = {"class_path": "lightning_moe.callbacks.ZLossScheduler", "init_args": {"kind": "linear"}}
+    with pytest.raises(ArgumentError, match="'kind'"):
+        parser.parse_args(["--callback", json.dumps(flat)])
 
 
 # ---------------------------------------------------------------- BiasOffsetUpdater
@@ -157,6 +192,12 @@ def test_bias_updater_needs_a_bias_buffer() -> None:
         fit(tiny(expert_bias=False), [BiasOffsetUpdater()], max_steps=1)
     with pytest.raises(ValueError, match="`rate` must be a number >= 0"):
         BiasOffsetUpdater(rate=-0.1)
+
+
+def test_a_second_bias_updater_is_refused() -> None:
+    # Both would move the same biases; the class-name state key makes Lightning refuse the pair.
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `BiasOffsetUpdater`"):
+        L.Trainer(callbacks=[BiasOffsetUpdater(), BiasOffsetUpdater(rate=0.1)], logger=False, accelerator="cpu")
 
 
 def test_bias_updater_resumes_exactly(tmp_path: Path) -> None:
@@ -270,3 +311,64 @@ def test_callbacks_refuse_a_model_without_moe_layers() -> None:
     dense = MoELanguageModel(max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe_every=0)
     with pytest.raises(ValueError, match="DeadExpertDetector found no MoE layer in MoELanguageModel"):
         fit(dense, [DeadExpertDetector()], max_steps=1)
+
+
+# ---------------------------------------------------------------- two instances of a callback
+
+
+class StatesAtStart(L.Callback):
+    """The ``state_dict()`` of each of ``callbacks`` when training starts: after a resume, what it restored."""
+
+    def __init__(self, *callbacks: L.Callback) -> None:
+        self.callbacks = callbacks
+        self.states: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.states = [c.state_dict() for c in self.callbacks]
+
+
+def assert_same_detector_state(restored: dict, saved: dict) -> None:
+    assert {k: v for k, v in restored.items() if k != "counts"} == {k: v for k, v in saved.items() if k != "counts"}
+    torch.testing.assert_close(restored["counts"], saved["counts"])
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_two_instances_keep_separate_states_through_a_resume(tmp_path: Path) -> None:
+    # Two detectors with different windows and two schedulers for different balancers: each
+    # checkpoint state is keyed by the instance's arguments, so each resumes from its own.
+    def callbacks() -> list[L.Callback]:
+        return [DeadExpertDetector(window=2), DeadExpertDetector(window=5, threshold=0.2),
+                ZLossScheduler(Schedule("linear", value=1e-2, warmup_steps=4)),
+                ZLossScheduler(Schedule("step", value=0.1, step_size=2), balancer="aux_loss")]
+
+    def model() -> MoELanguageModel:
+        m = tiny()
+        starve(m, 1, 0)
+        return m
+
+    first = callbacks()
+    with pytest.warns(UserWarning, match=r"dead experts .* model\.blocks\.1\.ffn: experts \[0\]"):
+        fit(model(), first, max_steps=3, tmp_path=tmp_path)
+    assert len({c.state_key for c in first}) == 4
+    saved = [c.state_dict() for c in first]
+    assert [s["batches_in_window"] for s in saved[:2]] == [1, 3]  # the short window ended at batch 2
+    assert saved[0]["dead_experts"] == {"model.blocks.1.ffn": [0]} and saved[1]["dead_experts"] == {}
+    assert [s["coeff"] for s in saved[2:]] == pytest.approx([2 / 4 * 1e-2, 0.1 * 0.5])
+
+    resumed = callbacks()
+    states = StatesAtStart(*resumed)
+    with pytest.warns(UserWarning, match="dead experts"):  # the short window ends again at batch 4
+        fit(model(), [*resumed, states], max_steps=4, ckpt_path=str(tmp_path / "step=3.ckpt"))
+    for restored, before in zip(states.states[:2], saved[:2], strict=True):
+        assert_same_detector_state(restored, before)
+    assert states.states[2:] == saved[2:]
+
+    # A checkpoint from before the detector's state key named its arguments (the class name) still restores it.
+    checkpoint = torch.load(tmp_path / "step=3.ckpt", weights_only=False)
+    checkpoint["callbacks"] = {"DeadExpertDetector": checkpoint["callbacks"][first[0].state_key]}
+    torch.save(checkpoint, tmp_path / "former.ckpt")
+    former = DeadExpertDetector(window=2)
+    states = StatesAtStart(former)
+    with pytest.warns(UserWarning, match="dead experts"):
+        fit(model(), [former, states], max_steps=4, ckpt_path=str(tmp_path / "former.ckpt"))
+    assert_same_detector_state(states.states[0], saved[0])

@@ -1,4 +1,7 @@
-"""RoutingEntropyLogger on the tiny model under a real Trainer: scalars, histograms, heatmaps and collapse alerts."""
+"""RoutingMonitor (formerly RoutingEntropyLogger) on the tiny model under a real Trainer.
+
+Scalars, histograms, heatmaps, collapse alerts and checkpoint state.
+"""
 
 import csv
 import io
@@ -20,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_moe.callbacks.routing_entropy_logger import (
     ROUTING_VALUES,
     RoutingCollapseWarning,
-    RoutingEntropyLogger,
+    RoutingMonitor,
     load_heatmap,
 )
 from lightning_moe.layers import MoELayer
@@ -92,7 +95,7 @@ def tensorboard_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Capacity factor 0.5: each expert keeps at most half the balanced share, so assignments drop.
     model = tiny(ExpertCapacity(capacity_factor=0.5))
     hook = LayerHook(model)
-    callback = RoutingEntropyLogger(image_every_n_steps=2)
+    callback = RoutingMonitor(image_every_n_steps=2)
     logger = TensorBoardLogger(tmp_path_factory.mktemp("tb"), name="run")
     fit(model, [callback], max_steps=5, logger=logger)
     return {"events": read_events(logger.log_dir), "forwards": hook.forwards, "callback": callback}
@@ -185,8 +188,8 @@ def test_load_heatmap_colours() -> None:
 
 
 def test_csv_logger_gets_the_scalars_and_validation(tmp_path: Path) -> None:
-    full = RoutingEntropyLogger(image_every_n_steps=1)
-    brief = RoutingEntropyLogger(prefix="moe", per_layer=False, log_validation=True)
+    full = RoutingMonitor(image_every_n_steps=1)
+    brief = RoutingMonitor(prefix="moe", per_layer=False, log_validation=True)
     trainer = fit(tiny(), [full, brief], max_steps=3, logger=CSVLogger(tmp_path, name="csv"), limit_val_batches=1,
                   val_check_interval=3, num_sanity_val_steps=0)
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
@@ -212,13 +215,13 @@ def test_resume_restores_the_counts_and_the_image_schedule(tmp_path: Path) -> No
     # Images every 3 steps: steps 1 and 3 in 5 steps. A fresh callback resumed at step 3 would
     # log again at step 4 (its first batch); the restored one waits for step 6. No collapse alert:
     # in batches of 64 tokens chance alone can put one expert in 90% of the top-2s (step 4 here).
-    first = RoutingEntropyLogger(image_every_n_steps=3, collapse_alert=False)
+    first = RoutingMonitor(image_every_n_steps=3, collapse_alert=False)
     trainer = fit(tiny(), [first], max_steps=3, logger=TensorBoardLogger(tmp_path, name="a"))
     checkpoint = tmp_path / "step3.ckpt"
     trainer.save_checkpoint(checkpoint)
     assert first.state_dict() == {"train_batches": 3, "val_batches": 0, "images_logged": 2, "last_image_step": 3,
                                   "collapse_warned_layers": []}
-    resumed = RoutingEntropyLogger(image_every_n_steps=3, collapse_alert=False)
+    resumed = RoutingMonitor(image_every_n_steps=3, collapse_alert=False)
     trainer = fit(tiny(), [resumed], max_steps=5, logger=TensorBoardLogger(tmp_path, name="b"),
                   ckpt_path=str(checkpoint))
     assert resumed.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 2, "last_image_step": 3,
@@ -226,13 +229,54 @@ def test_resume_restores_the_counts_and_the_image_schedule(tmp_path: Path) -> No
     assert "routing/load_heatmap" not in read_events(trainer.logger.log_dir).Tags()["images"]
 
 
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_two_monitors_keep_separate_states_through_a_resume(tmp_path: Path) -> None:
+    # Keyed by prefix. In 3 steps "routing" (every 3) draws images at steps 1 and 3, "moe" (every 2)
+    # at 1 and 2; resumed to 5, each goes on from its own schedule: "moe" draws at 4, "routing" not.
+    def monitors() -> list[RoutingMonitor]:
+        return [RoutingMonitor(image_every_n_steps=3, collapse_alert=False),
+                RoutingMonitor(prefix="moe", image_every_n_steps=2, collapse_alert=False)]
+
+    first = monitors()
+    trainer = fit(tiny(), first, max_steps=3, logger=TensorBoardLogger(tmp_path, name="a"))
+    checkpoint = tmp_path / "step3.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert [(m.images_logged, m.last_image_step) for m in first] == [(2, 3), (2, 2)]
+    resumed = monitors()
+    fit(tiny(), resumed, max_steps=5, logger=TensorBoardLogger(tmp_path, name="b"), ckpt_path=str(checkpoint))
+    assert [(m.train_batches, m.images_logged, m.last_image_step) for m in resumed] == [(5, 2, 3), (5, 3, 4)]
+
+    # A checkpoint from before the rename keyed the state by the former class name.
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["callbacks"] = {"RoutingEntropyLogger{'prefix': 'routing'}": saved["callbacks"][first[0].state_key]}
+    torch.save(saved, tmp_path / "former.ckpt")
+    former = RoutingMonitor(image_every_n_steps=3, collapse_alert=False)
+    fit(tiny(), [former], max_steps=5, logger=TensorBoardLogger(tmp_path, name="c"),
+        ckpt_path=str(tmp_path / "former.ckpt"))
+    assert (former.train_batches, former.images_logged, former.last_image_step) == (5, 2, 3)
+
+
+def test_former_name_is_an_alias_in_python_and_yaml() -> None:
+    from jsonargparse import ArgumentParser
+
+    from lightning_moe.callbacks import RoutingEntropyLogger
+
+    assert RoutingEntropyLogger is RoutingMonitor
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    config = parser.parse_args(["--callbacks", '[{"class_path": "lightning_moe.callbacks.RoutingEntropyLogger", '
+                                                '"init_args": {"prefix": "moe"}}]'])
+    (callback,) = parser.instantiate(config).callbacks
+    assert isinstance(callback, RoutingMonitor) and callback.prefix == "moe"
+
+
 def test_state_dict_round_trip() -> None:
-    callback = RoutingEntropyLogger()
+    callback = RoutingMonitor()
     state = {"train_batches": 7, "val_batches": 2, "images_logged": 1, "last_image_step": 5,
              "collapse_warned_layers": [3, 0]}
     callback.load_state_dict(state)
     assert callback.warned_layers == {0, 3}
-    other = RoutingEntropyLogger()
+    other = RoutingMonitor()
     other.load_state_dict(callback.state_dict())
     assert other.state_dict() == {**state, "collapse_warned_layers": [0, 3]}
     # A checkpoint from before the collapse alert has no warned layers.
@@ -241,7 +285,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_images_off_and_per_layer_off(tmp_path: Path) -> None:
-    callback = RoutingEntropyLogger(image_every_n_steps=0, per_layer=False)
+    callback = RoutingMonitor(image_every_n_steps=0, per_layer=False)
     trainer = fit(tiny(), [callback], max_steps=2, logger=TensorBoardLogger(tmp_path, name="off"))
     tags = read_events(trainer.logger.log_dir).Tags()
     assert tags["images"] == [] and tags["histograms"] == []
@@ -272,12 +316,12 @@ def test_images_off_and_per_layer_off(tmp_path: Path) -> None:
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        RoutingEntropyLogger(**kwargs)
+        RoutingMonitor(**kwargs)
 
 
 def test_model_without_moe_layers_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="RoutingEntropyLogger found no MoE layer in MoELanguageModel"):
-        fit(tiny(moe_every=0), [RoutingEntropyLogger()], max_steps=1, logger=CSVLogger(tmp_path))
+    with pytest.raises(ValueError, match="RoutingMonitor found no MoE layer in MoELanguageModel"):
+        fit(tiny(moe_every=0), [RoutingMonitor()], max_steps=1, logger=CSVLogger(tmp_path))
 
 
 # ---------------------------------------------------------------- collapse alert
@@ -301,8 +345,8 @@ def test_collapse_alert_fires_once_per_layer_and_survives_resume(tmp_path: Path,
     # Expert 0 reaches every token (token fraction 1) yet holds only 1/K = 50% of the kept
     # assignments, so the load entropy (about 0.9) alone would not flag it.
     router = partial(CollapsingRouter, top_k=TOP_K)
-    alert = RoutingEntropyLogger(image_every_n_steps=0)
-    late = RoutingEntropyLogger(prefix="late", per_layer=False, image_every_n_steps=0, collapse_warmup_steps=2)
+    alert = RoutingMonitor(image_every_n_steps=0)
+    late = RoutingMonitor(prefix="late", per_layer=False, image_every_n_steps=0, collapse_warmup_steps=2)
     logger = TensorBoardLogger(tmp_path, name="collapse")
     with pytest.warns(RoutingCollapseWarning) as records:
         trainer = fit(tiny(router=router), [alert, late], max_steps=3, logger=logger)
@@ -324,7 +368,7 @@ def test_collapse_alert_fires_once_per_layer_and_survives_resume(tmp_path: Path,
     # Resumed from a checkpoint, the restored callback still counts the layers but does not warn again.
     checkpoint = tmp_path / "step3.ckpt"
     trainer.save_checkpoint(checkpoint)
-    resumed = RoutingEntropyLogger(image_every_n_steps=0)
+    resumed = RoutingMonitor(image_every_n_steps=0)
     logger = TensorBoardLogger(tmp_path, name="resumed")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -337,7 +381,7 @@ def test_collapse_alert_fires_once_per_layer_and_survives_resume(tmp_path: Path,
 def test_balanced_run_stays_silent(tmp_path: Path, one_thread: None) -> None:
     # Hash routing by token id over a balanced table: each expert reaches about K/E = 50% of the tokens.
     router = partial(HashRouter, top_k=TOP_K, vocab_size=256)
-    callback = RoutingEntropyLogger(image_every_n_steps=0, collapse_load_entropy=0.9)
+    callback = RoutingMonitor(image_every_n_steps=0, collapse_load_entropy=0.9)
     logger = TensorBoardLogger(tmp_path, name="balanced")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -350,7 +394,7 @@ def test_balanced_run_stays_silent(tmp_path: Path, one_thread: None) -> None:
 
 
 def test_collapse_alert_off_logs_nothing(tmp_path: Path, one_thread: None) -> None:
-    callback = RoutingEntropyLogger(image_every_n_steps=0, collapse_alert=False)
+    callback = RoutingMonitor(image_every_n_steps=0, collapse_alert=False)
     logger = TensorBoardLogger(tmp_path, name="off")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -371,5 +415,5 @@ def test_collapse_alert_off_logs_nothing(tmp_path: Path, one_thread: None) -> No
     ({"collapse_token_entropy": 0.1}, (4, 1.0, 1.0, 0.2, 0.01), ["token fraction", "load entropy", "token entropy"]),
 ])
 def test_collapse_criteria(kwargs: dict, row: tuple, expected: list[str]) -> None:
-    reasons = RoutingEntropyLogger(**kwargs)._collapse_reasons(*row)
+    reasons = RoutingMonitor(**kwargs)._collapse_reasons(*row)
     assert len(reasons) == len(expected) and all(r.startswith(e) for r, e in zip(reasons, expected, strict=True))
