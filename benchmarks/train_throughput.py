@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_moe.balancing import SwitchAuxLoss, ZLoss
 from lightning_moe.dispatch import DISPATCHERS
+from lightning_moe.layers import MoEConfig
 from lightning_moe.models import MoETransformer
 from lightning_moe.routing import TopKRouter
 
@@ -54,11 +55,15 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, Mo
 
     balancers = [] if args.no_aux_losses else [SwitchAuxLoss(0.01), ZLoss(0.001)]
     torch.manual_seed(0)
-    moe = MoETransformer(**common, d_ff=top_k * args.expert_d_ff, num_experts=args.experts,
-                         expert_d_ff=args.expert_d_ff, moe_every=1, router=router, balancers=balancers,
-                         dispatcher=args.dispatcher)
+    moe = MoETransformer(
+        **common, d_ff=top_k * args.expert_d_ff, moe_every=1,
+        moe=MoEConfig(
+            num_experts=args.experts, expert_d_ff=args.expert_d_ff, router=router, balancers=balancers,
+            dispatcher=args.dispatcher,
+        ),
+    )
     torch.manual_seed(0)
-    dense = MoETransformer(**common, d_ff=top_k * args.expert_d_ff, moe_every=0, balancers=[])
+    dense = MoETransformer(**common, d_ff=top_k * args.expert_d_ff, moe_every=0, moe=MoEConfig(balancers=[]))
     return {"dense": dense.to(device), f"moe ({args.dispatcher})": moe.to(device)}
 
 

@@ -9,7 +9,7 @@ of every layer's experts; tokens reach their experts through a dropless all-to-a
 works unchanged. The script checks the sharded model against the whole one on this rank's
 batch, then trains a few steps, reducing gradients as DDP would (dense ones over all ranks, expert
 ones over the ranks that hold the same experts). With Lightning, ``MoELanguageModel(
-expert_parallel_size=2)`` does all of this (see the README); with DeepSpeed, use
+moe=MoEConfig(expert_parallel_size=2))`` does all of this (see the README); with DeepSpeed, use
 ``MoEDeepSpeedStrategy``.
 """
 
@@ -38,7 +38,7 @@ class Stack(nn.Module):
     def __init__(self, d_model: int, num_experts: int, layers: int, ep: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            MoELayer(d_model, 2 * d_model, num_experts, TopKRouter(d_model, num_experts, top_k=2),
+            MoELayer(d_model, 2 * d_model, num_experts, router=TopKRouter(d_model, num_experts, top_k=2),
                      expert_parallel_size=ep) for _ in range(layers))
         self.head = nn.Linear(d_model, 1)
 

@@ -30,6 +30,7 @@ from lightning_moe.callbacks import RoutingMonitor
 from lightning_moe.data import TextDataModule
 from lightning_moe.discovery import find_moe_layers
 from lightning_moe.hf_module import HFMoEFineTune
+from lightning_moe.layers import MoEConfig
 from lightning_moe.routing import AttentionScorer, TopKRouter
 
 SEQ_LEN = 64
@@ -59,8 +60,10 @@ def main(max_steps: int, log_dir: Path) -> None:
     held_out = next(iter(data.val_dataloader()))
     router = functools.partial(TopKRouter, top_k=2, scorer=functools.partial(AttentionScorer, d_key=16,
                                                                             temperature=0.3))
-    module = HFMoEFineTune(config=QWEN2_MOE, router=router, balancers=[SwitchAuxLoss(0.01)], train="routers",
-                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    module = HFMoEFineTune(
+        config=QWEN2_MOE, train="routers", optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+        moe=MoEConfig(router=router, balancers=[SwitchAuxLoss(0.01)]),
+    )
     before_state = {k: v.clone() for k, v in module.state_dict().items()}
     before = probe(module, held_out)
 

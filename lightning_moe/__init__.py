@@ -17,15 +17,15 @@ from lightning_moe.balancing import (
 )
 from lightning_moe.discovery import MoELayerView, find_moe_layers
 from lightning_moe.experts import SwiGLU, SwiGLUExperts
-from lightning_moe.layers import MoELayer, RoutingStats
+from lightning_moe.layers import MoEConfig, MoELayer, RoutingStats
 from lightning_moe.models import MoETransformer
 from lightning_moe.routing import ExpertCapacity, Router, Routing, TopKRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Balancer", "CommBalanceLoss", "DeviceAuxLoss", "ExpertCapacity", "MoELanguageModel", "MoELayer", "MoELayerView",
-    "MoETransformer", "Router", "Routing", "RoutingStats", "SequenceAuxLoss", "SwiGLU", "SwiGLUExperts",
+    "Balancer", "CommBalanceLoss", "DeviceAuxLoss", "ExpertCapacity", "MoEConfig", "MoELanguageModel", "MoELayer",
+    "MoELayerView", "MoETransformer", "Router", "Routing", "RoutingStats", "SequenceAuxLoss", "SwiGLU", "SwiGLUExperts",
     "SwitchAuxLoss", "TextDataModule", "TopKRouter", "ZLoss", "bias_update", "find_moe_layers",
 ]
 

@@ -1,7 +1,7 @@
 """The ``lightning-moe`` command: a LightningCLI over ``MoELanguageModel`` and ``TextDataModule``.
 
     lightning-moe fit --config cli_configs/tiny.yaml
-    lightning-moe fit --config cli_configs/tiny.yaml --model.router.top_k 1 --model.dispatcher loop
+    lightning-moe fit --config cli_configs/tiny.yaml --model.moe.router.top_k 1 --model.moe.dispatcher loop
 
 and ``lightning-moe-hf``, the same over ``HFMoEFineTune`` (a Hugging Face MoE causal LM, with our
 routers if asked):
@@ -12,17 +12,58 @@ routers if asked):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_moe.data.datamodule import TextDataModule
+from lightning_moe.models.transformer import MOVED_TO_MOE
 from lightning_moe.module import MoELanguageModel
+
+
+def _config_files(args: list[str]) -> Iterator[str]:
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.startswith("--config="):
+            yield arg.split("=", 1)[1]
+
+
+def moved_keys(args: list[str]) -> list[str]:
+    """Old flat MoE keys (``--model.num_experts``, ``model: {router: ...}`` in a config file) in
+    ``args``, each as ``where: old -> new``."""
+    found = []
+    for arg in args:
+        key = arg.split("=", 1)[0].removeprefix("--model.").split(".", 1)[0]
+        if arg.startswith("--model.") and key in MOVED_TO_MOE:
+            found.append(f"{arg.split('=', 1)[0]} -> --model.moe.{arg.split('=', 1)[0].removeprefix('--model.')}")
+    for path in _config_files(args):
+        try:
+            config: Any = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports unreadable files itself
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict):
+            found += [f"{path}: model.{key} -> model.moe.{key}" for key in model if key in MOVED_TO_MOE]
+    return found
 
 
 class _UsageErrorCLI(LightningCLI):
     #: Our components check their arguments when built and raise these naming the parameter; on
     #: the command line that is a usage error, not a traceback.
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, args as Lightning's
+        import sys
+
+        given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        moved = moved_keys(given)
+        if moved:
+            parser.error("The MoE settings moved under `model.moe` (one MoEConfig): " + "; ".join(moved))
+        super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
         try:

@@ -15,13 +15,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_float, check_positive_int
-from lightning_moe.balancing.losses import Balancer
 from lightning_moe.discovery import find_moe_layers
 from lightning_moe.integrations.hf_routers import swap_routers
+from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import total_aux_losses
 from lightning_moe.module import is_plain, log_sizes_once, log_training_losses
-from lightning_moe.routing.capacity import ExpertCapacity
-from lightning_moe.routing.factory import RouterFactory
 
 TRAIN_MODES = ("all", "routers", "lora")
 
@@ -55,10 +53,11 @@ class HFMoEFineTune(L.LightningModule):
             ``config`` is given.
         config: keyword arguments of ``AutoConfig.for_model``, ``model_type`` included, for a
             randomly initialised model (seed first for reproducible weights).
-        router: router factory, called as ``router(d_model, num_experts)`` per MoE block; ``None``
-            keeps the model's routers.
-        balancers: auxiliary losses of every swapped router (needs ``router``).
-        capacity: expert capacity of every swapped router; ``None`` is dropless (needs ``router``).
+        moe: the routers to swap in (:class:`~lightning_moe.layers.MoEConfig`'s routing part:
+            ``router``, a factory called as ``router(d_model, num_experts)`` per MoE block;
+            ``balancers``, ``None`` meaning ``[SwitchAuxLoss(0.01), ZLoss(0.001)]`` as for our
+            models; ``capacity``, ``None`` dropless). The experts are the model's, so the other
+            fields must keep their defaults. ``None`` keeps the model's own routers.
         init_from_gate: start each swapped router from the gate's weights (routers with a
             ``LinearScorer``; see ``swap_routers``).
         train: ``all``, ``routers`` or ``lora``.
@@ -78,9 +77,7 @@ class HFMoEFineTune(L.LightningModule):
         self,
         model: str | None = None,
         config: dict[str, Any] | None = None,
-        router: RouterFactory | None = None,
-        balancers: Sequence[Balancer] = (),
-        capacity: ExpertCapacity | None = None,
+        moe: MoEConfig | None = None,
         init_from_gate: bool = False,
         train: Literal["all", "routers", "lora"] = "all",
         lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
@@ -92,9 +89,12 @@ class HFMoEFineTune(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        _check_args(model, config, router, balancers, capacity, init_from_gate, train, lora_target_modules, lora_r,
-                    lora_alpha, lora_dropout)
+        if isinstance(moe, dict):  # the plain part saved in a checkpoint's hyperparameters
+            moe = MoEConfig(**moe)
+        _check_args(model, config, moe, init_from_gate, train, lora_target_modules, lora_r, lora_alpha, lora_dropout)
         self.save_hyperparameters()
+        if isinstance(self.hparams.get("moe"), MoEConfig):
+            self.hparams["moe"] = moe.plain()
         # Router factories, balancers and callables are not plain config: dropped so that checkpoints
         # load with weights_only=True (pass them again to `load_from_checkpoint`), as MoELanguageModel does.
         self.remove_ignored_hparams([name for name, value in self.hparams.items() if not is_plain(value)])
@@ -102,9 +102,10 @@ class HFMoEFineTune(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         hf_model = _load_model(model, config, model_kwargs or {})
-        self.swapped = router is not None
+        self.swapped = moe is not None
         if self.swapped:
-            swap_routers(hf_model, router, balancers, init_from_gate=init_from_gate, capacity=capacity)
+            swap_routers(hf_model, moe.router, moe.layer_balancers(), init_from_gate=init_from_gate,
+                         capacity=moe.capacity)
         routers = _router_modules(hf_model)
         if train == "lora":
             hf_model = _with_lora(hf_model, list(lora_target_modules), lora_r, lora_alpha, lora_dropout)
@@ -169,9 +170,8 @@ class HFMoEFineTune(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
 
-def _check_args(model: str | None, config: dict | None, router: RouterFactory | None, balancers: Sequence[Balancer],
-                capacity: ExpertCapacity | None, init_from_gate: bool, train: str, lora_target_modules: Sequence[str],
-                lora_r: int, lora_alpha: float, lora_dropout: float) -> None:
+def _check_args(model: str | None, config: dict | None, moe: MoEConfig | None, init_from_gate: bool, train: str,
+                lora_target_modules: Sequence[str], lora_r: int, lora_alpha: float, lora_dropout: float) -> None:
     """Every constructor check, each error naming its parameter, before anything is loaded."""
     if (model is None) == (config is None):
         raise ValueError("Give exactly one of `model` (a local path or hub name) and `config` "
@@ -182,8 +182,15 @@ def _check_args(model: str | None, config: dict | None, router: RouterFactory | 
         raise ValueError(f"`config` must be a dict with a 'model_type' (e.g. 'mixtral'), got {config!r}.")
     if train not in TRAIN_MODES:
         raise ValueError(f"`train` must be one of {TRAIN_MODES}, got {train!r}.")
-    if router is None and (balancers or capacity is not None or init_from_gate):
-        raise ValueError("`balancers`, `capacity` and `init_from_gate` act on swapped routers: give `router` too.")
+    if moe is None and init_from_gate:
+        raise ValueError("`init_from_gate` acts on swapped routers: give `moe` (its `router`) too.")
+    if moe is not None:
+        defaults = MoEConfig()
+        for name in ("num_experts", "expert_d_ff", "granularity", "num_shared_experts", "shared_expert_gate",
+                     "expert_parallel_size", "dispatcher"):
+            if getattr(moe, name) != getattr(defaults, name):
+                raise ValueError(f"`moe.{name}` ({getattr(moe, name)!r}) is the Hugging Face model's own here; only "
+                                 "`moe.router`, `moe.balancers` and `moe.capacity` apply to swapped routers.")
     targets = lora_target_modules
     if isinstance(targets, str) or not targets or not all(isinstance(m, str) for m in targets):
         raise ValueError(f"`lora_target_modules` must be a non-empty list of module names, got {targets!r}.")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_moe._validate import check_non_negative
-from lightning_moe.balancing.losses import Balancer, SwitchAuxLoss, ZLoss
-from lightning_moe.models.transformer import MoETransformer
+from lightning_moe.layers.config import MoEConfig
+from lightning_moe.models.transformer import MoETransformer, moved_to_moe_error
 from lightning_moe.optim import WarmupCosineLR
 from lightning_moe.parallel import (
     check_expert_parallel_size,
@@ -26,9 +27,6 @@ from lightning_moe.parallel import (
     setup_expert_parallel,
     slice_expert_optimizer_state,
 )
-from lightning_moe.routing.capacity import ExpertCapacity
-from lightning_moe.routing.factory import RouterFactory
-from lightning_moe.routing.topk import TopKRouter
 
 
 def is_plain(value: Any) -> bool:
@@ -65,10 +63,11 @@ def log_sizes_once(module: L.LightningModule, metrics: dict[str, int], headline:
 class MoELanguageModel(L.LightningModule):
     """A decoder-only MoE language model; loss = next-token cross-entropy + every aux loss.
 
-    The router, the balancers and the dispatcher are injected, so YAML or the command line
-    chooses them (``--model.router.top_k 1``, ``--model.dispatcher loop``). The router is a
-    factory: the model calls ``router(d_model, num_experts)`` for each MoE layer, so widths are
-    never repeated in YAML.
+    What the MoE layers are made of is one :class:`~lightning_moe.layers.MoEConfig` (``moe``), so
+    YAML or the command line chooses the router, balancers, dispatcher and experts
+    (``--model.moe.router.top_k 1``, ``--model.moe.dispatcher loop``). The router is a factory:
+    the model calls ``router(d_model, num_experts)`` for each MoE layer, so widths are never
+    repeated in YAML.
 
     Logs once, when fitting starts, the model's size to every logger at step 0:
     ``model/params_total``, ``model/params_active`` (per token), ``model/params_expert`` (all
@@ -81,16 +80,18 @@ class MoELanguageModel(L.LightningModule):
     Args:
         vocab_size: vocabulary size (linked to the data module's by the CLI).
         max_seq_len: longest sequence (linked to the data module's ``seq_len`` by the CLI).
-        d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every, granularity,
-            num_shared_experts, shared_expert_gate, first_dense_layers: see
+        d_model, n_layers, n_heads, d_ff, moe_every, first_dense_layers: see
             :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the dense baseline.
-        router: router factory, called as ``router(d_model, num_experts)``.
-        balancers: auxiliary losses of every MoE layer; ``None`` means
-            ``[SwitchAuxLoss(0.01), ZLoss(0.001)]``, ``[]`` means none.
-        dispatcher: dispatch backend, ``grouped`` (fast on CPU), ``triton`` (GPU kernels; falls back to
-            ``grouped`` with a warning where they cannot run) or ``loop`` (reference).
-        capacity: expert capacity with token dropping
-            (:class:`~lightning_moe.routing.ExpertCapacity`); ``None`` is dropless.
+        moe: the MoE layers: experts, router, balancers (``None``: ``[SwitchAuxLoss(0.01),
+            ZLoss(0.001)]``), capacity, dispatcher, fine-grained and shared experts, expert
+            parallelism (:class:`~lightning_moe.layers.MoEConfig`; ``None``: its defaults). With
+            ``moe.expert_parallel_size`` P > 1 the model is built whole and :meth:`setup` keeps
+            each rank's ``E / P`` experts (:func:`~lightning_moe.parallel.setup_expert_parallel`),
+            after checking that P divides the number of processes. Tokens reach their experts by
+            a dropless all-to-all; under DDP the expert gradients are averaged over the ranks
+            holding the same experts, under DeepSpeed its engine does it (use
+            :class:`~lightning_moe.parallel.MoEDeepSpeedStrategy`). Checkpoints hold whole expert
+            tensors and load at any expert-parallel size.
         optimizer: optimizer factory, called with the parameters.
         lr_scheduler: LR scheduler factory, called with the optimizer and stepped every
             optimizer step; ``None`` keeps the LR constant.
@@ -98,20 +99,12 @@ class MoELanguageModel(L.LightningModule):
             with the same widths: when fitting starts from scratch, its weights are loaded and
             every MoE layer's experts are upcycled from the dense FFN of the same block
             (:func:`~lightning_moe.upcycling.upcycle_state_dict`): copies of it with
-            ``granularity=1`` (``expert_d_ff`` = the dense ``d_ff``), fine-grained slices of it
-            with ``granularity=m`` (``expert_d_ff`` = the dense ``d_ff``, split into m). Resuming
-            with ``ckpt_path`` restores the MoE checkpoint instead.
+            ``granularity=1`` (``moe.expert_d_ff`` = the dense ``d_ff``), fine-grained slices of
+            it with ``granularity=m`` (``moe.expert_d_ff`` = the dense ``d_ff``, split into m).
+            Resuming with ``ckpt_path`` restores the MoE checkpoint instead.
         upcycle_noise: relative noise added to every upcycled expert weight, >= 0 (0 keeps the
             dense model's function exactly for copies with renormalised top-k gates).
         upcycle_seed: seed of that noise.
-        expert_parallel_size: ranks each MoE layer's experts are split over (P), >= 1; it must
-            divide ``num_experts * granularity`` (checked here) and the number of processes
-            (checked in :meth:`setup`, before training). The model is built whole; ``setup``
-            keeps each rank's ``E / P`` experts (:func:`~lightning_moe.parallel.setup_expert_parallel`).
-            Tokens reach their experts by a dropless all-to-all; under DDP the expert gradients
-            are averaged over the ranks holding the same experts, under DeepSpeed its engine does
-            it (use :class:`~lightning_moe.parallel.MoEDeepSpeedStrategy`). Checkpoints hold whole
-            expert tensors and load at any expert-parallel size.
     """
 
     def __init__(
@@ -122,39 +115,34 @@ class MoELanguageModel(L.LightningModule):
         n_layers: int = 4,
         n_heads: int = 4,
         d_ff: int = 512,
-        num_experts: int = 8,
-        expert_d_ff: int = 256,
+        moe: MoEConfig | None = None,
         moe_every: int = 1,
-        router: RouterFactory = TopKRouter,
-        balancers: list[Balancer] | None = None,
-        dispatcher: Literal["grouped", "triton", "loop"] = "grouped",
-        capacity: ExpertCapacity | None = None,
+        first_dense_layers: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        granularity: int = 1,
-        num_shared_experts: int = 0,
-        shared_expert_gate: bool = False,
-        first_dense_layers: int = 0,
         upcycle_from: str | None = None,
         upcycle_noise: float = 0.0,
         upcycle_seed: int = 0,
-        expert_parallel_size: int = 1,
+        **flat: Any,
     ) -> None:
+        if flat:
+            raise moved_to_moe_error(type(self).__name__, flat)
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(moe, dict):  # the plain part saved in a checkpoint's hyperparameters
+            moe = MoEConfig(**moe)
+        moe = MoEConfig() if moe is None else replace(moe)  # a copy: balancers=None resolves per model
+        self.save_hyperparameters(ignore=["flat"])
         # Under LightningCLI the hyperparameters are the plain config (class paths and init args),
         # which `load_from_checkpoint` rebuilds. Python objects (a router class, balancer instances,
         # lambdas) are dropped so that checkpoints load with torch.load(weights_only=True); pass
-        # them again to `load_from_checkpoint`.
+        # them again to `load_from_checkpoint` (the MoE configuration keeps its plain fields).
+        if isinstance(self.hparams.get("moe"), MoEConfig):
+            self.hparams["moe"] = moe.plain()
         self.remove_ignored_hparams([name for name, value in self.hparams.items() if not is_plain(value)])
-        if balancers is None:
-            balancers = [SwitchAuxLoss(0.01), ZLoss(0.001)]
-        self.model = MoETransformer(
-            vocab_size, max_seq_len, d_model, n_layers, n_heads, d_ff, num_experts, expert_d_ff, moe_every,
-            router, balancers, dispatcher, capacity, granularity, num_shared_experts, shared_expert_gate,
-            first_dense_layers, expert_parallel_size,
-        )
-        self.expert_parallel_size = expert_parallel_size
+        self.model = MoETransformer(vocab_size, max_seq_len=max_seq_len, d_model=d_model, n_layers=n_layers,
+                                    n_heads=n_heads, d_ff=d_ff, moe=moe, moe_every=moe_every,
+                                    first_dense_layers=first_dense_layers)
+        self.expert_parallel_size = moe.expert_parallel_size
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.upcycle_from = upcycle_from

@@ -52,6 +52,7 @@ from lightning_moe._validate import check_non_negative, check_positive_int, divi
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.experts.mlp import MLPExperts
 from lightning_moe.experts.swiglu import SwiGLU
+from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.routing.capacity import ExpertCapacity
@@ -289,7 +290,7 @@ def upcycle(
     ``first_dense_layers`` say) are MoE layers of ``num_experts`` experts upcycled from them.
 
     ``num_experts`` is the total E. For split the model is built as a fine-grained one,
-    ``MoETransformer(num_experts=E // m, expert_d_ff=d_ff, granularity=m)``: E experts of width
+    ``MoETransformer(moe=MoEConfig(num_experts=E // m, expert_d_ff=d_ff, granularity=m))``: E experts of width
     ``d_ff / m``, and each token reaches ``m`` times the router's ``top_k`` (so ``router``
     describes the same active width for either method, and ``model.granularity`` records ``m``
     for :func:`upcycle_state_dict`). ``model`` is not changed; the result is on its device and
@@ -311,9 +312,11 @@ def upcycle(
     _check_method_and_noise(method, noise)
     m = _check_granularity(method, granularity, config["d_ff"], num_experts)
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
-    moe_model = MoETransformer(**config, num_experts=num_experts // m, expert_d_ff=config["d_ff"], moe_every=moe_every,
-                               router=router, balancers=balancers, dispatcher=dispatcher, capacity=capacity,
-                               granularity=m, first_dense_layers=first_dense_layers).to(device, dtype)
+    vocab_size = config.pop("vocab_size")
+    moe = MoEConfig(num_experts=num_experts // m, expert_d_ff=config["d_ff"], router=router, balancers=list(balancers),
+                    dispatcher=dispatcher, capacity=capacity, granularity=m)
+    moe_model = MoETransformer(vocab_size, **config, moe=moe, moe_every=moe_every,
+                               first_dense_layers=first_dense_layers).to(device, dtype)
     upcycle_state_dict(moe_model, model.state_dict(), method, noise, seed, zero_router=zero_router)
     return moe_model.train(model.training)
 
@@ -465,8 +468,8 @@ def upcycle_hf_bert(
         if zero_router:
             zero_router_rows(layer_router)
         experts = partial(MLPExperts, activation=activation, bias=w_in.bias is not None)
-        layer = MoELayer(d_model, d_ff // m, num_experts, layer_router, balancers, dispatcher, capacity,
-                         experts=experts)
+        layer = MoELayer(d_model, d_ff // m, num_experts, router=layer_router, balancers=balancers,
+                         dispatcher=dispatcher, capacity=capacity, experts=experts)
         _fill_mlp_experts(layer.experts, w_in, w_out, method, m, noise, generator)
         new_layers.append(layer.to(w_in.weight.device, w_in.weight.dtype))
     for (_, bert_layer), layer in zip(layers, new_layers, strict=True):

@@ -52,14 +52,15 @@ def test_whole_config_parses_and_builds(path: Path, monkeypatch: pytest.MonkeyPa
     assert model.model.max_seq_len == config["max_seq_len"]
 
 
-ARCHITECTURE_KEYS = {"granularity", "num_shared_experts", "shared_expert_gate", "first_dense_layers", "moe_every",
-                     "d_ff"}
+MODEL_KEYS = {"first_dense_layers", "moe_every", "d_ff"}
+MOE_KEYS = {"granularity", "num_shared_experts", "shared_expert_gate"}
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config", str(path))
-    fragment = yaml.safe_load(path.read_text())["model"]
+    model_fragment = yaml.safe_load(path.read_text())["model"]
+    fragment = model_fragment.get("moe", {})
     if "router" in fragment:
         router = model.model.moe_layers()[0].router
         assert type(router).__name__ == fragment["router"]["class_path"].rsplit(".", 1)[1]
@@ -73,7 +74,7 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
             elif key == "vocab_size":
                 assert router.expert_of_id_V.numel() == value
             elif key in ("top_k", "capacity_factor"):  # multiplied by tiny.yaml's fine-grained split
-                assert getattr(router, key) == value * model.hparams["granularity"], key
+                assert getattr(router, key) == value * model.hparams["moe"]["granularity"], key
             else:
                 assert getattr(router, key) == value, key
     if "balancers" in fragment:
@@ -82,8 +83,10 @@ def test_fragment_config_parses_on_top_of_tiny(path: Path, monkeypatch: pytest.M
         for spec, balancer in zip(fragment["balancers"], model.model.moe_layers()[0].balancers, strict=True):
             for key, value in spec.get("init_args", {}).items():
                 assert getattr(balancer, key) == value, key
-    for key in ARCHITECTURE_KEYS & fragment.keys():
-        assert model.hparams[key] == fragment[key], key
+    for key in MODEL_KEYS & model_fragment.keys():
+        assert model.hparams[key] == model_fragment[key], key
+    for key in MOE_KEYS & fragment.keys():
+        assert model.hparams["moe"][key] == fragment[key], key
     if "granularity" in fragment:
         layer = model.model.moe_layers()[0]
         assert layer.num_experts == 8 * fragment["granularity"]
@@ -158,20 +161,20 @@ def test_scheduled_bias_rate_from_the_command_line(monkeypatch: pytest.MonkeyPat
 
 def test_scorer_chosen_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--config",
-                  str(CONFIGS / "routers" / "attention.yaml"), "--model.router.scorer.temperature", "0.3",
-                  "--model.router.top_k", "3", "--model.granularity", "1")
+                  str(CONFIGS / "routers" / "attention.yaml"), "--model.moe.router.scorer.temperature", "0.3",
+                  "--model.moe.router.top_k", "3", "--model.moe.granularity", "1")
     router = model.model.moe_layers()[0].router
     assert (type(router.scorer).__name__, router.scorer.temperature, router.top_k) == ("AttentionScorer", 0.3, 3)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.router.top_k", "9"], "top_k"),
-    (["--config", str(CONFIGS / "routers" / "group_limited.yaml"), "--model.router.num_groups", "3"], "num_groups"),
-    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.router.capacity_factor", "0"],
+    (["--model.moe.router.top_k", "9"], "top_k"),
+    (["--config", str(CONFIGS / "routers" / "group_limited.yaml"), "--model.moe.router.num_groups", "3"], "num_groups"),
+    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.moe.router.capacity_factor", "0"],
      "capacity_factor"),
-    (["--config", str(CONFIGS / "routers" / "attention.yaml"), "--model.router.scorer.temperature", "0"],
+    (["--config", str(CONFIGS / "routers" / "attention.yaml"), "--model.moe.router.scorer.temperature", "0"],
      "temperature"),
-    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.router.jitter", "0.1"], "jitter"),
+    (["--config", str(CONFIGS / "routers" / "expert_choice.yaml"), "--model.moe.router.jitter", "0.1"], "jitter"),
 ])
 def test_bad_router_values_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -184,22 +187,22 @@ def test_bad_router_values_are_usage_errors(args: list[str], message: str, capsy
 
 def test_router_swapped_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"),
-                  "--model.router.top_k", "1", "--model.router.renormalize", "false", "--model.dispatcher", "loop",
-                  "--model.num_experts", "6", "--model.granularity", "1")
+                  "--model.moe.router.top_k", "1", "--model.moe.router.renormalize", "false",
+                  "--model.moe.dispatcher", "loop", "--model.moe.num_experts", "6", "--model.moe.granularity", "1")
     layer = model.model.moe_layers()[0]
     settings = (layer.router.top_k, layer.router.renormalize, layer.num_experts, layer.dispatcher.name)
     assert settings == (1, False, 6, "loop")
 
 
 def test_triton_dispatcher_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--model.dispatcher", "triton")
+    model = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "tiny.yaml"), "--model.moe.dispatcher", "triton")
     assert {layer.dispatcher.name for layer in model.model.moe_layers()} == {"triton"}
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model.routr.top_k", "1"], "routr"),
-    (["--model.dispatcher", "trition"], "trition"),
-    (["--model.router.init_args.top_kk", "3"], "top_kk"),
+    (["--model.moe.dispatcher", "trition"], "trition"),
+    (["--model.moe.router.init_args.top_kk", "3"], "top_kk"),
 ])
 def test_config_typo_gives_the_cli_message(args: list[str], message: str, capsys: pytest.CaptureFixture,
                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -221,9 +224,25 @@ def test_yaml_typo_gives_the_cli_message(capsys: pytest.CaptureFixture, monkeypa
     assert "d_modle" in capsys.readouterr().err
 
 
+def test_old_flat_moe_keys_name_their_new_place(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  d_model: 64\n  granularity: 2\n  router:\n    class_path: lightning_moe.TopKRouter\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(old), "--model.num_experts=4",
+                 "--model.router.top_k", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for moved in ("--model.num_experts -> --model.moe.num_experts", "--model.router.top_k -> --model.moe.router.top_k",
+                  "old.yaml: model.granularity -> model.moe.granularity", "old.yaml: model.router -> model.moe.router"):
+        assert moved in err, moved
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data.data_files", "nothere.txt"], "`data_files`: no such file 'nothere.txt'"),
-    (["--model.router.top_k", "9", "--model.granularity", "1"], r"`top_k` must be an integer in [1, 8], got 9"),
+    (["--model.moe.router.top_k", "9", "--model.moe.granularity", "1"], r"`top_k` must be an integer in [1, 8], got 9"),
     (["--model.d_model", "0"], "`d_model` must be an integer >= 1, got 0"),
 ])
 def test_bad_values_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture,

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers", reason="install the `hf` extr
 
 from lightning_moe.hf_module import HFMoEFineTune  # noqa: E402
 from lightning_moe.integrations.hf_routers import RouterGate  # noqa: E402
+from lightning_moe.layers import MoEConfig  # noqa: E402
 
 QWEN2_MOE = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                  shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -69,8 +70,10 @@ def test_train_routers_changes_only_the_routers_with_every_callback(tmp_path: Pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
-    module = HFMoEFineTune(config=QWEN2_MOE, router=ROUTER, balancers=[SwitchAuxLoss(0.01)], train="routers",
-                           optimizer=ADAMW)
+    module = HFMoEFineTune(
+        config=QWEN2_MOE, train="routers", optimizer=ADAMW,
+        moe=MoEConfig(router=ROUTER, balancers=[SwitchAuxLoss(0.01)]),
+    )
     gates = [m for m in module.modules() if isinstance(m, RouterGate)]
     assert len(gates) == 2
     router_params = {n for n, p in module.named_parameters() if ".gate.router." in n}
@@ -101,7 +104,7 @@ def test_train_routers_changes_only_the_routers_with_every_callback(tmp_path: Pa
 def test_train_lora_changes_only_adapters_and_routers() -> None:
     pytest.importorskip("peft")
     torch.manual_seed(0)
-    module = HFMoEFineTune(config=MIXTRAL, router=ROUTER, train="lora", lora_r=4, optimizer=ADAMW)
+    module = HFMoEFineTune(config=MIXTRAL, train="lora", lora_r=4, optimizer=ADAMW, moe=MoEConfig(router=ROUTER))
     names = {n for n, _ in module.named_parameters()}
     lora = {n for n in names if "lora_" in n}
     routers = {n for n in names if ".gate.router." in n}
@@ -134,7 +137,7 @@ def test_loads_a_local_directory(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**MIXTRAL)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    module = HFMoEFineTune(model=str(tmp_path), router=TopKRouter, init_from_gate=True, train="routers")
+    module = HFMoEFineTune(model=str(tmp_path), init_from_gate=True, train="routers", moe=MoEConfig(router=TopKRouter))
     assert module.model.training and len(find_moe_layers(module)) == 2
     assert module(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 64)
 
@@ -146,8 +149,10 @@ def test_bad_arguments_raise_clear_errors(monkeypatch: pytest.MonkeyPatch) -> No
         HFMoEFineTune()
     with pytest.raises(ValueError, match="`config` must be a dict with a 'model_type'"):
         HFMoEFineTune(config={"vocab_size": 64})
-    with pytest.raises(ValueError, match="give `router` too"):
-        HFMoEFineTune(config=MIXTRAL, balancers=[SwitchAuxLoss()])
+    with pytest.raises(ValueError, match=r"`init_from_gate` acts on swapped routers: give `moe`"):
+        HFMoEFineTune(config=MIXTRAL, init_from_gate=True)
+    with pytest.raises(ValueError, match=r"`moe.num_experts` \(4\) is the Hugging Face model's own here"):
+        HFMoEFineTune(config=MIXTRAL, moe=MoEConfig(num_experts=4, balancers=[SwitchAuxLoss()]))
     with pytest.raises(ValueError, match="`lora_r` must be an integer >= 1"):
         HFMoEFineTune(config=MIXTRAL, train="lora", lora_r=0)
     if "peft" in sys.modules or transformers.utils.is_peft_available():

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.data import TextDataModule
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.optim import WarmupCosineLR
 
@@ -22,9 +23,10 @@ class LossRecorder(L.Callback):
 
 def tiny_model(total_steps: int = 12) -> MoELanguageModel:
     return MoELanguageModel(
-        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, expert_d_ff=32,
+        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
         lr_scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=3, total_steps=total_steps),
+        moe=MoEConfig(num_experts=4, expert_d_ff=32),
     )
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning_moe.balancing import SwitchAuxLoss
 from lightning_moe.data import ByteTokenizer, builtin_corpus_lines
 from lightning_moe.experts import MLPExperts, SwiGLU
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
 from lightning_moe.routing import RandomRouter, TopKRouter
 from lightning_moe.upcycling import (
@@ -107,7 +107,7 @@ def test_split_is_unbiased_under_uniform_routing() -> None:
     that all hold the same x is the dense output, though single tokens are far from it."""
     torch.manual_seed(0)
     dense = SwiGLU(16, 36)
-    layer = MoELayer(16, 12, 6, RandomRouter(16, 6, top_k=2), dispatcher="grouped")
+    layer = MoELayer(16, 12, 6, router=RandomRouter(16, 6, top_k=2), dispatcher="grouped")
     upcycle_moe_layer(layer, dense, method="split")
     x_TD = torch.randn(1, 16).expand(20000, 16)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_split_mlp_keeps_the_output_bias_whole(bias: bool) -> None:
     expert active and equal gates the layer is the dense MLP exactly."""
     torch.manual_seed(0)
     w_in, w_out = torch.nn.Linear(10, 24, bias=bias), torch.nn.Linear(24, 10, bias=bias)
-    layer = MoELayer(10, 1, 6, TopKRouter(10, 6, top_k=6))
+    layer = MoELayer(10, 1, 6, router=TopKRouter(10, 6, top_k=6))
     layer.experts = MLPExperts(10, 8, 6, bias=bias)
     weights = upcycle_mlp(w_in.weight, w_in.bias, w_out.weight, w_out.bias, 6, method="split", granularity=3)
     with torch.no_grad():
@@ -147,16 +147,20 @@ def test_upcycle_swiglu_slices_and_scaling() -> None:
 def test_upcycle_state_dict_reads_a_lightning_checkpoint(dense_and_ids) -> None:
     dense, ids_BS, ref_BSV = dense_and_ids
     checkpoint = {f"model.{k}": v for k, v in dense.state_dict().items()} | {"other.step": torch.tensor(3)}
-    moe = MoETransformer(vocab_size=VOCAB, max_seq_len=64, d_model=32, n_layers=3, n_heads=4, d_ff=48,
-                         num_experts=2, expert_d_ff=48, granularity=2, router=top_k(2))
+    moe = MoETransformer(
+        vocab_size=VOCAB, max_seq_len=64, d_model=32, n_layers=3, n_heads=4, d_ff=48,
+        moe=MoEConfig(num_experts=2, expert_d_ff=48, granularity=2, router=top_k(2)),
+    )
     upcycle_state_dict(moe, checkpoint, method="split", prefix="model.", zero_router=True)
     torch.testing.assert_close(logits_of(moe, ids_BS), ref_BSV, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_experts_start_silent(dense_and_ids) -> None:
     dense, ids_BS, ref_BSV = dense_and_ids
-    moe = MoETransformer(vocab_size=VOCAB, max_seq_len=64, d_model=32, n_layers=3, n_heads=4, d_ff=48,
-                         num_experts=4, expert_d_ff=48, num_shared_experts=1, shared_expert_gate=True)
+    moe = MoETransformer(
+        vocab_size=VOCAB, max_seq_len=64, d_model=32, n_layers=3, n_heads=4, d_ff=48,
+        moe=MoEConfig(num_experts=4, expert_d_ff=48, num_shared_experts=1, shared_expert_gate=True),
+    )
     upcycle_state_dict(moe, dense.state_dict())
     assert moe.blocks[0].ffn.shared_expert.out.weight.abs().sum() == 0
     torch.testing.assert_close(logits_of(moe, ids_BS), ref_BSV, atol=1e-5, rtol=1e-5)
@@ -169,7 +173,7 @@ def test_shared_experts_start_silent(dense_and_ids) -> None:
 def mlp_moe_layer(dispatcher: str, bias: bool) -> MoELayer:
     """The same seeded layer of MLP experts (D=13, F=7, E=5, top-3) for each dispatcher."""
     torch.manual_seed(0)
-    layer = MoELayer(13, 1, 5, TopKRouter(13, 5, top_k=3), dispatcher=dispatcher)
+    layer = MoELayer(13, 1, 5, router=TopKRouter(13, 5, top_k=3), dispatcher=dispatcher)
     layer.experts = MLPExperts(13, 7, 5, activation="gelu", bias=bias)
     return layer
 
@@ -332,13 +336,17 @@ def test_bad_arguments(dense_and_ids, kwargs: dict, match: str) -> None:
 
 
 def test_a_model_with_moe_layers_is_refused() -> None:
-    moe = MoETransformer(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, num_experts=4, expert_d_ff=16)
+    moe = MoETransformer(
+        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, moe=MoEConfig(num_experts=4, expert_d_ff=16),
+    )
     with pytest.raises(ValueError, match=r"already has MoE layers \(blocks \[0, 1\]\)"):
         upcycle(moe, num_experts=4)
 
 
 def test_a_state_dict_that_does_not_fit_lists_the_mismatches() -> None:
-    moe = MoETransformer(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, d_ff=48, num_experts=4, expert_d_ff=48)
+    moe = MoETransformer(
+        vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, d_ff=48, moe=MoEConfig(num_experts=4, expert_d_ff=48),
+    )
     wider = dense_model(d_model=48, n_layers=4).state_dict()
     with pytest.raises(ValueError, match=r"does not fit") as error:
         upcycle_state_dict(moe, wider)
@@ -346,8 +354,9 @@ def test_a_state_dict_that_does_not_fit_lists_the_mismatches() -> None:
     assert "shape: embed.weight is [64, 48] in the checkpoint, the model expects [64, 32]" in message
     assert "shape: blocks.0.attn.qkv.weight is [144, 48] in the checkpoint, the model expects [96, 32]" in message
     assert "unexpected: blocks.3.attn.qkv.weight [144, 48]" in message
-    narrow = MoETransformer(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, d_ff=48, num_experts=4,
-                            expert_d_ff=24)  # split needs expert_d_ff=48 with granularity=2 for this checkpoint
+    # split needs expert_d_ff=48 with granularity=2 for this checkpoint
+    narrow = MoETransformer(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, d_ff=48,
+                            moe=MoEConfig(num_experts=4, expert_d_ff=24))
     with pytest.raises(ValueError, match=r"method='split' \(granularity 1\):\n  shape: blocks.0.ffn.gate.weight is "
                                          r"\[48, 32\] in the checkpoint, the model expects \[24, 32\]"):
         upcycle_state_dict(narrow, dense_model().state_dict(), method="split")
@@ -356,7 +365,7 @@ def test_a_state_dict_that_does_not_fit_lists_the_mismatches() -> None:
 
 
 def test_width_mismatch_and_zero_router_without_rows() -> None:
-    layer = MoELayer(16, 12, 4, TopKRouter(16, 4))
+    layer = MoELayer(16, 12, 4, router=TopKRouter(16, 4))
     with pytest.raises(ValueError, match=r"Width mismatch: .*d_ff=24 .* experts have d_ff=12; method='copy'"):
         upcycle_moe_layer(layer, SwiGLU(16, 24), method="copy")
     with pytest.raises(ValueError, match=r"Width mismatch: .*d_ff=30 is not a multiple of the expert width 12"):

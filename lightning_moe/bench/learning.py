@@ -55,7 +55,7 @@ moe_top2_e8, top1, uncentred and upcycled 1,086,592 (+0.4%); moe_top2_e16 1,090,
 ``upcycled`` spends the same total steps as the others: a dense run of ``steps / 2``
 (``dense_baseline.yaml``, same seed, run name ``dense_half_s<seed>``), then
 ``upcycle_from_dense.yaml`` upcycled from its ``last.ckpt`` for ``steps / 2`` more, split
-fine-grained (``--model.num_experts 2 --model.granularity 4 --model.router.top_k 1``: 8 experts of
+fine-grained (``--model.moe.num_experts 2 --model.moe.granularity 4 --model.moe.router.top_k 1``: 8 experts of
 width 128, 4 active, the dense width 512) so its active parameters equal moe_top2_e8's (that YAML's own
 default, whole copies of width 512 with top-2, would double them). Its curve is the dense half's
 points followed by the upcycled run's, shifted by ``steps / 2``; its final val/loss is at total step
@@ -100,25 +100,25 @@ ROWS: dict[str, list[str]] = {
     # The demo's fine-grained experts routed by the centred linear scorer of the hidden states instead.
     "linear": ["--config", "cli_configs/routers/linear.yaml"],
     # Without the fine-grained split: 8 experts of width 256, softmax top-2.
-    "moe_top2_e8": ["--model.granularity", "1"],
+    "moe_top2_e8": ["--model.moe.granularity", "1"],
     # Twice the experts, same width and top-k: more total parameters, the same active ones.
-    "moe_top2_e16": ["--model.granularity", "1", "--model.num_experts", "16"],
+    "moe_top2_e16": ["--model.moe.granularity", "1", "--model.moe.num_experts", "16"],
     # Four times the experts, same width and top-k.
-    "moe_top2_e32": ["--model.granularity", "1", "--model.num_experts", "32"],
+    "moe_top2_e32": ["--model.moe.granularity", "1", "--model.moe.num_experts", "32"],
     # DeepSeekMoE: 32 experts of width 64, top-4 routed (256) + 4 shared of width 64 (256) = 512 active.
-    "fine_grained_shared": ["--model.router.top_k", "1", "--model.num_shared_experts", "4"],
+    "fine_grained_shared": ["--model.moe.router.top_k", "1", "--model.moe.num_shared_experts", "4"],
     # Switch-style top-1 (gate = the softmax probability) with experts twice as wide: same active params.
-    "top1": ["--model.granularity", "1", "--model.router.top_k", "1", "--model.router.renormalize", "false",
-             "--model.expert_d_ff", "512"],
+    "top1": ["--model.moe.granularity", "1", "--model.moe.router.top_k", "1", "--model.moe.router.renormalize", "false",
+             "--model.moe.expert_d_ff", "512"],
     # The router before this work: a linear scorer without input centring (8 experts of width 256, top-2).
-    "uncentred": ["--model.granularity", "1", "--model.router.init_args.scorer",
+    "uncentred": ["--model.moe.granularity", "1", "--model.moe.router.init_args.scorer",
                   "{class_path: lightning_moe.routing.LinearScorer, init_args: {center_input: false}}"],
     # Auxiliary-loss-free balancing: sigmoid scores, a selection bias moved by BiasOffsetUpdater, z-loss only
     # (instead of the Switch loss).
     "aux_free_bias": ["--config", "cli_configs/routers/sigmoid_bias.yaml",
                       "--trainer.callbacks+=cli_configs/callbacks/bias_offset_updater.yaml"],
     # No balancing loss at all (no Switch loss, no z-loss): how far does routing collapse?
-    "no_balancing": ["--model.balancers", "[]"],
+    "no_balancing": ["--model.moe.balancers", "[]"],
     # Hash routing, two of 8 (so 8 of 32) experts per token: a fixed token-id table, no router weights.
     "hash": ["--config", "cli_configs/routers/hash.yaml"],
     # Learned scorers of the router study, top-2: cosine attention against expert keys.
@@ -130,8 +130,8 @@ ROWS: dict[str, list[str]] = {
     # MLP features times a projection of the input, then a linear map to logits.
     "mlp_hadamard": ["--config", "cli_configs/routers/mlp_hadamard.yaml"],
     # Dense for steps/2, then upcycled into 8 fine-grained experts of width 128 (4 active) for steps/2.
-    "upcycled": ["--config", "cli_configs/upcycle_from_dense.yaml", "--model.num_experts", "2",
-                 "--model.granularity", "4", "--model.router.top_k", "1"],
+    "upcycled": ["--config", "cli_configs/upcycle_from_dense.yaml", "--model.moe.num_experts", "2",
+                 "--model.moe.granularity", "4", "--model.moe.router.top_k", "1"],
 }
 
 DENSE = "dense"

@@ -17,9 +17,11 @@ from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.dispatch.base import Dispatcher
 from lightning_moe.dispatch.registry import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
+from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import ExpertCapacity
+from lightning_moe.routing.factory import build_router
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
 
@@ -91,9 +93,10 @@ class MoELayer(RoutingRecorder, nn.Module):
         d_model: int,
         d_ff: int,
         num_experts: int,
+        *,
         router: Router | None = None,
         balancers: Sequence[Balancer] = (),
-        dispatcher: str = "grouped",
+        dispatcher: str | Dispatcher = "grouped",
         capacity: ExpertCapacity | None = None,
         shared_d_ff: int = 0,
         shared_gate: bool = False,
@@ -130,6 +133,17 @@ class MoELayer(RoutingRecorder, nn.Module):
         self.register_load_state_dict_pre_hook(MoELayer._keep_own_expert_rows)
         self.aux_losses: dict[str, Tensor] = {}
         self.stats: RoutingStats | None = None
+
+    @classmethod
+    def from_config(cls, d_model: int, moe: MoEConfig, experts: ExpertsFactory = SwiGLUExperts) -> MoELayer:
+        """The layer ``moe`` describes at width ``d_model``: ``moe.routed_experts`` experts of width
+        ``moe.routed_d_ff`` (fine-grained split applied), its router built by the factory, the
+        shared balancers, and the shared experts merged into one SwiGLU."""
+        router = build_router(moe.router, d_model, moe.routed_experts, moe.granularity)
+        return cls(d_model, moe.routed_d_ff, moe.routed_experts, router=router, balancers=moe.layer_balancers(),
+                   dispatcher=moe.dispatcher, capacity=moe.capacity,
+                   shared_d_ff=moe.num_shared_experts * moe.routed_d_ff, shared_gate=moe.shared_expert_gate,
+                   experts=experts, expert_parallel_size=moe.expert_parallel_size)
 
     @property
     def dispatcher(self) -> Dispatcher:

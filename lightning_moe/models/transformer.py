@@ -6,21 +6,17 @@ Legend: ``B`` batch, ``S`` sequence, ``D`` model width, ``H`` heads, ``Dh`` head
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_int, divisors
-from lightning_moe.balancing.losses import Balancer
-from lightning_moe.dispatch.registry import get_dispatcher
+from lightning_moe._validate import check_int_range, check_positive_int
 from lightning_moe.experts.swiglu import SwiGLU
+from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.layers.record import total_aux_losses
-from lightning_moe.routing.capacity import ExpertCapacity
-from lightning_moe.routing.factory import RouterFactory, build_router
-from lightning_moe.routing.topk import TopKRouter
 
 
 class RMSNorm(nn.Module):
@@ -83,6 +79,23 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+MOVED_TO_MOE = ("num_experts", "expert_d_ff", "router", "balancers", "capacity", "dispatcher", "granularity",
+                "num_shared_experts", "shared_expert_gate", "expert_parallel_size")
+"""Arguments that were the model's own and now live in its :class:`~lightning_moe.layers.MoEConfig`."""
+
+
+def moved_to_moe_error(owner: str, flat: dict[str, Any]) -> TypeError:
+    """The error for old flat MoE arguments: which ones moved, and the call that works now."""
+    moved = [name for name in flat if name in MOVED_TO_MOE]
+    unknown = sorted(set(flat) - set(moved))
+    if not moved:
+        return TypeError(f"{owner}() got unexpected keyword arguments {unknown}.")
+    call = ", ".join(f"{name}={flat[name]!r}" for name in moved)
+    return TypeError(f"{owner}(): {', '.join(f'`{name}`' for name in moved)} moved into the MoE configuration: pass "
+                     f"`moe=MoEConfig({call})` (YAML: `model.moe.<name>`, command line: `--model.moe.<name>`)."
+                     + (f" Unknown arguments: {unknown}." if unknown else ""))
+
+
 class MoETransformer(nn.Module):
     """Pre-norm decoder-only transformer (RMSNorm, RoPE, SDPA attention) with MoE FFNs.
 
@@ -91,14 +104,8 @@ class MoETransformer(nn.Module):
     layer ``i`` (0-based) is MoE when ``moe_every > 0``, ``i >= first_dense_layers`` and
     ``(i - first_dense_layers) % moe_every == moe_every - 1``. Dense layers have a SwiGLU of
     width ``d_ff``; ``moe_every=0`` gives the dense baseline. Input and output embeddings are tied.
-
-    Fine-grained experts (DeepSeekMoE): ``granularity = m`` splits each of the ``num_experts``
-    experts of width ``expert_d_ff`` into ``m`` experts of width ``expert_d_ff / m`` and lets
-    every token reach ``m`` times as many (the router's ``top_k``, or expert choice's capacity
-    factor, is multiplied by ``m``), so total and active parameters stay the same while the
-    number of expert combinations grows. Shared experts: ``num_shared_experts`` experts of the
-    (fine-grained) expert width that every token passes through, optionally behind a sigmoid
-    gate (``shared_expert_gate``, Qwen2-MoE) or not (DeepSeek).
+    What the MoE layers are made of (experts, router, balancers, capacity, dispatcher, fine-grained
+    and shared experts, expert parallelism) is one :class:`~lightning_moe.layers.MoEConfig`.
 
     Args:
         vocab_size: vocabulary size V, >= 1.
@@ -107,79 +114,45 @@ class MoETransformer(nn.Module):
         n_layers: transformer blocks, >= 1.
         n_heads: attention heads, >= 1.
         d_ff: hidden width of the dense FFNs, >= 1.
-        num_experts: experts per MoE layer before the fine-grained split, >= 1.
-        expert_d_ff: hidden width of each expert before the split, >= 1, divisible by
-            ``granularity``.
+        moe: the MoE layers (:class:`~lightning_moe.layers.MoEConfig`; ``None``: its defaults).
         moe_every: 1 = every layer (after the leading dense ones) is MoE, n = every n-th, 0 = none.
-        router: router factory called as ``router(d_model, num_experts * granularity)`` for each
-            MoE layer; its experts per token are then multiplied by ``granularity``.
-        balancers: auxiliary losses added in every MoE layer.
-        dispatcher: dispatch backend name (``"grouped"``, ``"triton"`` or ``"loop"``).
-        capacity: expert capacity of every MoE layer (``None``: dropless).
-        granularity: fine-grained split factor m, >= 1.
-        num_shared_experts: shared experts per MoE layer, >= 0, each of width
-            ``expert_d_ff / granularity``.
-        shared_expert_gate: gate the shared experts' output with a per-token sigmoid.
         first_dense_layers: leading dense layers, in [0, n_layers].
-        expert_parallel_size: ranks each MoE layer's experts are split over (P), >= 1, dividing
-            ``num_experts * granularity``; see :class:`~lightning_moe.layers.MoELayer`. The model
-            is built whole and sharded by :func:`~lightning_moe.parallel.setup_expert_parallel`.
     """
 
     def __init__(
         self,
         vocab_size: int,
-        max_seq_len: int = 256,
+        *,
+        max_seq_len: int = 128,
         d_model: int = 128,
         n_layers: int = 4,
         n_heads: int = 4,
         d_ff: int = 512,
-        num_experts: int = 8,
-        expert_d_ff: int = 256,
+        moe: MoEConfig | None = None,
         moe_every: int = 1,
-        router: RouterFactory = TopKRouter,
-        balancers: Sequence[Balancer] = (),
-        dispatcher: str = "grouped",
-        capacity: ExpertCapacity | None = None,
-        granularity: int = 1,
-        num_shared_experts: int = 0,
-        shared_expert_gate: bool = False,
         first_dense_layers: int = 0,
-        expert_parallel_size: int = 1,
+        **flat: Any,
     ) -> None:
+        if flat:
+            raise moved_to_moe_error(type(self).__name__, flat)
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("d_model", d_model),
-                            ("n_layers", n_layers), ("n_heads", n_heads), ("d_ff", d_ff),
-                            ("num_experts", num_experts), ("expert_d_ff", expert_d_ff),
-                            ("granularity", granularity)]:
+                            ("n_layers", n_layers), ("n_heads", n_heads), ("d_ff", d_ff)]:
             check_positive_int(name, value)
         check_int_range("moe_every", moe_every, 0, n_layers)
         check_int_range("first_dense_layers", first_dense_layers, 0, n_layers)
-        check_non_negative_int("num_shared_experts", num_shared_experts)
-        if expert_d_ff % granularity:
-            raise ValueError(
-                f"`granularity` ({granularity}) must divide `expert_d_ff` ({expert_d_ff}); valid values: "
-                f"{divisors(expert_d_ff)}."
-            )
-        if shared_expert_gate and not num_shared_experts:
-            raise ValueError("`shared_expert_gate=True` needs `num_shared_experts` >= 1.")
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"`d_model` ({d_model}) must split into `n_heads` ({n_heads}) heads of even width.")
-        get_dispatcher(dispatcher)  # fail on an unknown name even when there are no MoE layers
+        self.moe = moe = MoEConfig() if moe is None else moe
         self.max_seq_len = max_seq_len
-        self.n_layers, self.d_model, self.granularity = n_layers, d_model, granularity
+        self.n_layers, self.d_model, self.granularity = n_layers, d_model, moe.granularity
         self.embed = nn.Embedding(vocab_size, d_model)
         rotary = Rotary(d_model // n_heads, max_seq_len)
-
-        fine_d_ff, fine_experts = expert_d_ff // granularity, num_experts * granularity
 
         def ffn(i: int) -> nn.Module:
             if not moe_every or i < first_dense_layers or (i - first_dense_layers) % moe_every != moe_every - 1:
                 return SwiGLU(d_model, d_ff)
-            layer_router = build_router(router, d_model, fine_experts, granularity)
-            return MoELayer(d_model, fine_d_ff, fine_experts, layer_router, balancers, dispatcher, capacity,
-                            shared_d_ff=num_shared_experts * fine_d_ff, shared_gate=shared_expert_gate,
-                            expert_parallel_size=expert_parallel_size)
+            return MoELayer.from_config(d_model, moe)
 
         self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))
         self.norm = RMSNorm(d_model)

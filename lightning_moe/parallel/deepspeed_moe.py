@@ -29,15 +29,29 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_non_negative_int, check_positive_float, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.experts.swiglu import SwiGLU
+from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import rank_within_expert
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
+from lightning_moe.routing.factory import build_router
 from lightning_moe.routing.routing import Router, Routing
 from lightning_moe.routing.topk import TopKRouter
 
-DeepSpeedDropPolicy = Literal["position", "probs", "first_choice"]
-DEEPSPEED_DROP_POLICIES = ("position", "probs", "first_choice")
+DeepSpeedDropPolicy = Literal["position", "score", "first_choice"]
+DEEPSPEED_DROP_POLICIES = ("position", "score", "first_choice")
+"""``ExpertCapacity``'s vocabulary (``position``, ``score``) plus DeepSpeed's top-2 rule; DeepSpeed
+itself calls ``score`` ``"probs"``."""
+
+
+def check_drop_policy(drop_policy: str) -> str:
+    """``drop_policy`` if valid; ``ValueError`` naming the valid ones (and ``score`` for DeepSpeed's ``probs``)."""
+    if drop_policy == "probs":
+        raise ValueError("`drop_policy='probs'` is DeepSpeed's name; here it is 'score' (highest router scores kept), "
+                         "as in ExpertCapacity.")
+    if drop_policy not in DEEPSPEED_DROP_POLICIES:
+        raise ValueError(f"`drop_policy` must be one of {DEEPSPEED_DROP_POLICIES}, got {drop_policy!r}.")
+    return drop_policy
 
 
 @dataclass
@@ -129,9 +143,9 @@ def deepspeed_routes(
     which assignments an expert keeps when it has too many:
 
     - ``position``: the earliest tokens (DeepSpeed's ``topkgating(drop_policy="position")``).
-    - ``probs``: the highest router scores (``routing.scores_TE``: the softmax for softmax
+    - ``score``: the highest router scores (``routing.scores_TE``: the softmax for softmax
       routers), ties to the earlier token; kept ones are then placed in token order
-      (``topkgating``'s default ``"probs"``, which DeepSpeed's ``TopKGate`` uses for ``k > 2``).
+      (``topkgating``'s default, which it calls ``"probs"``, and which DeepSpeed's ``TopKGate`` uses for ``k > 2``).
     - ``first_choice``: every token's first choice before any token's second choice, and so on
       (``top2gating``, DeepSpeed's ``TopKGate`` for ``k = 2``; GShard's rule).
 
@@ -144,12 +158,11 @@ def deepspeed_routes(
         top_k: experts per token K.
         capacity: slots per expert (:func:`deepspeed_capacity`), or ``None`` for DeepSpeed's
             ``drop_tokens=False``: the largest expert count, all-reduced (max) over ``ep_group``.
-        drop_policy: ``position``, ``probs`` or ``first_choice``.
+        drop_policy: ``position``, ``score`` or ``first_choice``.
         ep_group: DeepSpeed's expert-parallel process group (``None`` without expert parallelism).
         source: names the router in the error raised for routing that is not token choice.
     """
-    if drop_policy not in DEEPSPEED_DROP_POLICIES:
-        raise ValueError(f"`drop_policy` must be one of {DEEPSPEED_DROP_POLICIES}, got {drop_policy!r}.")
+    check_drop_policy(drop_policy)
     num_tokens, num_experts = routing.scores_TE.shape
     order_A = _token_major_order(routing, top_k, source)
     token_A, expert_A, weight_A = routing.token_A[order_A], routing.expert_A[order_A], routing.weight_A[order_A]
@@ -166,7 +179,7 @@ def deepspeed_routes(
         priority_A = -routing.scores_TE.detach()[token_A, expert_A]
     rank_A = rank_within_expert(expert_A, priority_A, num_experts)
     keep_A = rank_A < capacity
-    if drop_policy == "probs":  # kept assignments fill the buffer in token order, dropped ones after
+    if drop_policy == "score":  # kept assignments fill the buffer in token order, dropped ones after
         rank_A = rank_within_expert(expert_A, token_A + num_tokens * (~keep_A), num_experts)
 
     def to_KS(values_A: Tensor) -> Tensor:
@@ -299,8 +312,8 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
         drop_tokens: ``False`` never drops (capacity = the largest expert count over the
             expert-parallel group, DeepSpeed's ``drop_tokens=False``).
         drop_policy: which assignments an over-full expert keeps: ``position`` (earliest tokens),
-            ``probs`` (highest scores) or ``first_choice`` (first choices first, DeepSpeed's top-2
-            rule); see :func:`deepspeed_routes`.
+            ``score`` (highest scores; DeepSpeed's ``probs``) or ``first_choice`` (first choices
+            first, DeepSpeed's top-2 rule); see :func:`deepspeed_routes`.
         expert_parallel_size: DeepSpeed's ``ep_size`` P, >= 1, dividing ``num_experts``.
         expert: the expert module, ``(..., D) -> (..., D)``, deep-copied per local expert;
             ``SwiGLU(d_model, d_ff)`` by default.
@@ -313,6 +326,7 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
         d_model: int,
         d_ff: int,
         num_experts: int,
+        *,
         router: Router | None = None,
         balancers: Sequence[Balancer] = (),
         capacity_factor: float = 1.0,
@@ -338,9 +352,7 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
         if not isinstance(drop_tokens, bool):
             raise ValueError(f"`drop_tokens` must be True or False, got {drop_tokens!r}.")
         self.drop_tokens = drop_tokens
-        if drop_policy not in DEEPSPEED_DROP_POLICIES:
-            raise ValueError(f"`drop_policy` must be one of {DEEPSPEED_DROP_POLICIES}, got {drop_policy!r}.")
-        self.drop_policy = drop_policy
+        self.drop_policy = check_drop_policy(drop_policy)
         self.expert_parallel_size = check_positive_int("expert_parallel_size", expert_parallel_size)
         if num_experts % expert_parallel_size:
             raise ValueError(
@@ -364,6 +376,26 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
                         module.reset_parameters()
         self.aux_losses: dict[str, Tensor] = {}
         self.stats: RoutingStats | None = None
+
+    @classmethod
+    def from_config(cls, d_model: int, moe: MoEConfig, expert: nn.Module | None = None) -> DeepSpeedMoELayer:
+        """The layer ``moe`` describes (:class:`~lightning_moe.layers.MoEConfig`): its experts (the
+        fine-grained split applied), router, balancers and expert-parallel size. ``moe.capacity``
+        becomes DeepSpeed's capacity (same formula: factor, evaluation factor, minimum, drop policy);
+        ``None`` is dropless (``drop_tokens=False``). Shared experts and ``dispatcher`` have no
+        counterpart in DeepSpeed's layer: ``ValueError`` if they are set."""
+        if moe.num_shared_experts:
+            raise ValueError("DeepSpeedMoELayer has no shared experts: set `moe.num_shared_experts` to 0.")
+        if moe.dispatcher != "grouped":
+            raise ValueError(f"DeepSpeedMoELayer dispatches with DeepSpeed's own code; `moe.dispatcher` "
+                             f"({moe.dispatcher!r}) applies to MoELayer only: leave it at 'grouped'.")
+        router = build_router(moe.router, d_model, moe.routed_experts, moe.granularity)
+        capacity = moe.capacity
+        limits = dict(drop_tokens=False) if capacity is None else dict(
+            capacity_factor=capacity.capacity_factor, eval_capacity_factor=capacity.eval_capacity_factor,
+            min_capacity=capacity.min_capacity, drop_policy=capacity.drop_policy)
+        return cls(d_model, moe.routed_d_ff, moe.routed_experts, router=router, balancers=moe.layer_balancers(),
+                   expert_parallel_size=moe.expert_parallel_size, expert=expert, **limits)
 
     def _check_router(self, router: Router) -> None:
         if isinstance(router, ExpertChoiceRouter):

@@ -12,6 +12,7 @@ import torch
 
 from lightning_moe.bench.routers import ROUTERS, bench_routers, measure_router, run_benchmark
 from lightning_moe.experts import SwiGLUExperts
+from lightning_moe.layers import MoEConfig
 from lightning_moe.routing import TopKRouter
 
 SMALL = ["--batch", "2", "--seq-len", "32", "--runs", "2", "--warmup", "1", "--expert-d-ff", "16", "--no-progress"]
@@ -77,7 +78,9 @@ def test_hidden_states_of_a_lightning_moe_checkpoint(tmp_path: Path) -> None:
     from lightning_moe.module import MoELanguageModel
 
     torch.manual_seed(0)
-    model = MoELanguageModel(max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, expert_d_ff=16)
+    model = MoELanguageModel(
+        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe=MoEConfig(num_experts=4, expert_d_ff=16),
+    )
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 256, (33,))} for _ in range(4)], batch_size=2)

@@ -17,6 +17,7 @@ import torch
 from lightning_moe.balancing import SwitchAuxLoss
 from lightning_moe.callbacks import BiasOffsetUpdater, DeadExpertDetector, DeadExpertError
 from lightning_moe.data import TextDataModule
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import TopKRouter
 
@@ -43,10 +44,13 @@ class LoadRecorder(L.Callback):
 def run(balancing: str) -> tuple[DeadExpertDetector, LoadRecorder]:
     L.seed_everything(0)
     model = MoELanguageModel(
-        max_seq_len=64, d_model=64, n_layers=2, n_heads=2, d_ff=128, num_experts=8, expert_d_ff=64,
-        router=partial(TopKRouter, top_k=1, renormalize=False, expert_bias=balancing == "bias"),
-        balancers=[SwitchAuxLoss(0.05)] if balancing == "switch" else [],
+        max_seq_len=64, d_model=64, n_layers=2, n_heads=2, d_ff=128,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        moe=MoEConfig(
+            num_experts=8, expert_d_ff=64,
+            router=partial(TopKRouter, top_k=1, renormalize=False, expert_bias=balancing == "bias"),
+            balancers=[SwitchAuxLoss(0.05)] if balancing == "switch" else [],
+        ),
     )
     detector = DeadExpertDetector(window=100, threshold=0.1, action="raise")
     recorder = LoadRecorder()

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_moe.balancing import SwitchAuxLoss, ZLoss, bias_update
 from lightning_moe.callbacks import BiasOffsetUpdater, DeadExpertDetector, DeadExpertError, Schedule, ZLossScheduler
 from lightning_moe.data import TextDataModule
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import LinearScorer, TopKRouter
 
@@ -22,10 +23,15 @@ def tiny(expert_bias: bool = True, balancers: list | None = None) -> MoELanguage
     torch.manual_seed(0)
     # Uncentred scorers: the bias tests need loads that start unbalanced.
     return MoELanguageModel(
-        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, expert_d_ff=32,
-        router=partial(TopKRouter, top_k=2, expert_bias=expert_bias, scorer=partial(LinearScorer, center_input=False)),
-        balancers=balancers if balancers is not None else [SwitchAuxLoss(0.01), ZLoss(0.001)],
+        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        moe=MoEConfig(
+            num_experts=4, expert_d_ff=32,
+            router=partial(
+                TopKRouter, top_k=2, expert_bias=expert_bias, scorer=partial(LinearScorer, center_input=False),
+            ),
+            balancers=balancers if balancers is not None else [SwitchAuxLoss(0.01), ZLoss(0.001)],
+        ),
     )
 
 

@@ -26,7 +26,7 @@ from lightning_moe.callbacks.routing_entropy_logger import (
     RoutingMonitor,
     load_heatmap,
 )
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.metrics import load_summary
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import ExpertCapacity, HashRouter, TopKRouter
@@ -49,9 +49,11 @@ class RandomIds(Dataset):
 def tiny(capacity: ExpertCapacity | None = None, moe_every: int = 1, router=None) -> MoELanguageModel:  # noqa: ANN001
     torch.manual_seed(0)
     return MoELanguageModel(
-        max_seq_len=SEQ_LEN, d_model=32, n_layers=LAYERS, n_heads=2, d_ff=64, num_experts=EXPERTS, expert_d_ff=32,
-        moe_every=moe_every, router=router or partial(TopKRouter, top_k=TOP_K), capacity=capacity,
+        max_seq_len=SEQ_LEN, d_model=32, n_layers=LAYERS, n_heads=2, d_ff=64, moe_every=moe_every,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        moe=MoEConfig(
+            num_experts=EXPERTS, expert_d_ff=32, router=router or partial(TopKRouter, top_k=TOP_K), capacity=capacity,
+        ),
     )
 
 

@@ -95,3 +95,79 @@ def test_unknown_dispatcher() -> None:
     with pytest.raises(ValueError, match="Unknown `dispatcher`"):
         MoELayer(8, 8, 2, dispatcher="fast")
     assert set(DISPATCHERS) == {"loop", "grouped", "triton"}
+
+
+@pytest.mark.parametrize("name", ["loop", "grouped", "triton"])
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+def test_the_named_steps_compute_the_layer(name: str, kind: str) -> None:
+    """permute -> compute -> combine, run one by one, equal the dispatcher called whole and the loop
+    reference, outputs and gradients, for SwiGLU experts (fused form) and MLP experts (protocol only)."""
+    from lightning_moe.experts import MLPExperts, SwiGLUExperts
+
+    torch.manual_seed(3)
+    experts = MLPExperts if kind == "mlp" else SwiGLUExperts
+    layer = MoELayer(10, 7, 5, router=TopKRouter(10, 5, top_k=2), experts=experts).double()
+    x = torch.randn(13, 10, dtype=torch.float64)
+    routing = layer.router(x)
+    dispatcher = get_dispatcher(name)
+    results = []
+    for run in ("steps", "whole", "reference"):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        if run == "steps":
+            x_AD, plan = dispatcher.permute(xg, routing)
+            assert x_AD.shape == (13 * 2, 10) and plan.counts_E.sum() == 26
+            y = dispatcher.combine(dispatcher.compute(x_AD, plan, layer.experts), plan)
+        else:
+            y = (dispatcher if run == "whole" else get_dispatcher("loop"))(xg, routing, layer.experts)
+        y.pow(2).sum().backward(retain_graph=True)
+        results.append([y.detach(), xg.grad.clone()] + [p.grad.clone() for p in layer.experts.parameters()])
+    for got in results[:2]:
+        for a, b in zip(got, results[2], strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_register_dispatcher_makes_a_new_backend_a_choice_everywhere() -> None:
+    from lightning_moe.dispatch import Dispatcher, Plan, register_dispatcher
+    from lightning_moe.layers import MoEConfig
+    from lightning_moe.models import MoETransformer
+
+    calls = []
+
+    class CountingDispatcher(Dispatcher):
+        """The base class's plain steps, counting how often compute runs."""
+
+        name = "counting"
+
+        def compute(self, x_AD: torch.Tensor, plan: Plan, experts) -> torch.Tensor:  # noqa: ANN001
+            calls.append(x_AD.shape[0])
+            return super().compute(x_AD, plan, experts)
+
+    register_dispatcher("counting", CountingDispatcher)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_dispatcher("counting", CountingDispatcher)
+        torch.manual_seed(0)
+        layer = MoELayer(8, 6, 4, router=TopKRouter(8, 4, top_k=2), dispatcher="counting")
+        reference = copy.deepcopy(layer)
+        reference.dispatcher = "loop"
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(layer(x), reference(x))
+        assert calls == [10] and layer.dispatcher.name == "counting"
+        model = MoETransformer(32, max_seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16,
+                               moe=MoEConfig(num_experts=4, expert_d_ff=8, dispatcher="counting"))
+        model(torch.randint(0, 32, (2, 8)))
+        assert len(calls) == 3  # one per MoE layer
+        with pytest.raises(ValueError, match=r"valid names are \['counting', 'grouped', 'loop', 'triton'\]"):
+            MoEConfig(dispatcher="nope")
+    finally:
+        DISPATCHERS.pop("counting")
+
+
+def test_assigning_a_dispatcher_replaces_the_backend() -> None:
+    layer = MoELayer(8, 6, 4)
+    assert layer.dispatcher.name == "grouped"
+    layer.dispatcher = "loop"
+    assert layer.dispatcher.name == "loop" and "dispatcher='loop'" in repr(layer)
+    with pytest.raises(ValueError, match="Unknown `dispatcher`"):
+        layer.dispatcher = "fast"

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
+from lightning_moe.models.transformer import MOVED_TO_MOE
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import ExpertChoiceRouter, TopKRouter
 
@@ -16,7 +17,9 @@ from lightning_moe.routing import ExpertChoiceRouter, TopKRouter
 def small(**kwargs) -> MoETransformer:
     args = dict(vocab_size=50, max_seq_len=16, d_model=32, n_layers=4, n_heads=4, d_ff=64, num_experts=4,
                 expert_d_ff=48)
-    return MoETransformer(**{**args, **kwargs})
+    args.update(kwargs)
+    moe = MoEConfig(**{name: args.pop(name) for name in list(args) if name in MOVED_TO_MOE})
+    return MoETransformer(**args, moe=moe)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deepseek", "qwen2"])
@@ -106,8 +109,10 @@ def test_module_logs_sizes_once_to_tensorboard(tmp_path: Path) -> None:
     from lightning_moe.data import TextDataModule
 
     L.seed_everything(0)
-    module = MoELanguageModel(max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4,
-                              expert_d_ff=32, granularity=2, num_shared_experts=1)
+    module = MoELanguageModel(
+        max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+        moe=MoEConfig(num_experts=4, expert_d_ff=32, granularity=2, num_shared_experts=1),
+    )
     logger = TensorBoardLogger(tmp_path, name="sizes")
     trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=logger, log_every_n_steps=1,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

@@ -3,15 +3,18 @@ import torch
 
 from lightning_moe.balancing import SwitchAuxLoss, ZLoss
 from lightning_moe.experts import SwiGLU
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
+from lightning_moe.models.transformer import MOVED_TO_MOE
 from lightning_moe.routing import TopKRouter
 
 
 def small(**kwargs) -> MoETransformer:
     args = dict(vocab_size=50, max_seq_len=16, d_model=32, n_layers=4, n_heads=4, d_ff=64, num_experts=4,
                 expert_d_ff=32, balancers=[SwitchAuxLoss(), ZLoss()])
-    return MoETransformer(**{**args, **kwargs})
+    args.update(kwargs)
+    moe = MoEConfig(**{name: args.pop(name) for name in list(args) if name in MOVED_TO_MOE})
+    return MoETransformer(**args, moe=moe)
 
 
 def test_forward_shape_and_aux_losses() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.callbacks import BiasOffsetUpdater, DeadExpertDetector, RoutingEntropyLogger
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import TopKRouter
 
@@ -42,9 +43,9 @@ class Recorder(L.Callback):
 def main(out: Path) -> None:
     L.seed_everything(0)
     model = MoELanguageModel(
-        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, expert_d_ff=32,
-        router=partial(TopKRouter, top_k=2, expert_bias=True),
+        max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        moe=MoEConfig(num_experts=4, expert_d_ff=32, router=partial(TopKRouter, top_k=2, expert_bias=True)),
     )
     recorder = Recorder()
     detector = DeadExpertDetector(window=3, threshold=1.0, action="warn")  # threshold 1: any below-uniform expert

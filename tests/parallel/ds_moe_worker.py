@@ -79,7 +79,7 @@ SINGLE_CASES = {
                 [0.04, -0.03, 0.02, 0.0], {"drop_tokens": False, "balancers": [SequenceAuxLoss(0.1)]}, (1, T, D)),
     "top3_position": ({"top_k": 3}, None, {"capacity_factor": 0.5, "min_capacity": 1}, (T, D)),
     "position": ({"top_k": 2}, None, {"capacity_factor": 0.5, "min_capacity": 1}, (T, D)),
-    "probs": ({"top_k": 2}, None, {"capacity_factor": 0.25, "min_capacity": 3, "drop_policy": "probs"}, (T, D)),
+    "score": ({"top_k": 2}, None, {"capacity_factor": 0.25, "min_capacity": 3, "drop_policy": "score"}, (T, D)),
     "first_choice": ({"top_k": 2}, None, {"capacity_factor": 0.5, "min_capacity": 1, "drop_policy": "first_choice"},
                      (T, D)),
 }

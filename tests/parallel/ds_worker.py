@@ -14,6 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lightning_moe.balancing import SwitchAuxLoss, ZLoss  # noqa: E402
+from lightning_moe.layers import MoEConfig
 from lightning_moe.models import MoETransformer  # noqa: E402
 
 
@@ -24,8 +25,10 @@ def loss_of(model: MoETransformer, module: torch.nn.Module, ids: torch.Tensor) -
 
 def main() -> None:
     torch.manual_seed(0)
-    model = MoETransformer(256, 32, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4, expert_d_ff=16,
-                           balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)])
+    model = MoETransformer(
+        256, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+        moe=MoEConfig(num_experts=4, expert_d_ff=16, balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)]),
+    )
     reference = copy.deepcopy(model)
     batches = [torch.randint(0, 256, (4, 33))] * 8  # one batch, repeated: the loss must fall
 

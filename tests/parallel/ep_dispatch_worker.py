@@ -34,7 +34,8 @@ UNCENTRED = functools.partial(LinearScorer, center_input=False)
 def case(name: str, num_experts: int, ep_size: int, router, dispatcher: str, rank: int, world: int,
          bias: list[float] | None = None) -> dict:
     torch.manual_seed(0)
-    layer = MoELayer(D, F, num_experts, router(D, num_experts), dispatcher=dispatcher, expert_parallel_size=ep_size)
+    layer = MoELayer(D, F, num_experts, router=router(D, num_experts), dispatcher=dispatcher,
+                     expert_parallel_size=ep_size)
     if bias is not None:
         layer.router.expert_bias_E.copy_(torch.tensor(bias))
     reference = copy.deepcopy(layer)

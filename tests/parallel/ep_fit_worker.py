@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.balancing import ZLoss
 from lightning_moe.callbacks import BiasOffsetUpdater, DeadExpertDetector
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.parallel import MoEDeepSpeedStrategy
 from lightning_moe.routing import TopKRouter
@@ -74,10 +75,12 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     router = functools.partial(TopKRouter, expert_bias=args.callbacks)
-    model = MoELanguageModel(VOCAB, SEQ, router=router, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4,
-                             expert_d_ff=8,
-                             balancers=[ZLoss(0.01)], optimizer=sgd if args.optimizer == "sgd" else adam,
-                             expert_parallel_size=args.ep)
+    model = MoELanguageModel(
+        VOCAB, SEQ, d_model=16, n_layers=2, n_heads=2, d_ff=32, optimizer=sgd if args.optimizer == "sgd" else adam,
+        moe=MoEConfig(
+            router=router, num_experts=4, expert_d_ff=8, balancers=[ZLoss(0.01)], expert_parallel_size=args.ep,
+        ),
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.strategy == "single":
         strategy, batch = "auto", GLOBAL_BATCH

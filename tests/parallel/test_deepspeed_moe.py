@@ -50,14 +50,14 @@ def reference_rule(experts_TK: torch.Tensor, scores_TE: torch.Tensor, capacity: 
     """DeepSpeed's capacity rule as a loop: ``(keep_TK, location_TK)``.
 
     Assignments claim their expert's slots in priority order (token order; highest score first for
-    ``probs``; all first choices before second choices for ``first_choice``), at most ``capacity``
-    each. Kept ones sit in their buffer in that order, except under ``probs``: token order.
+    ``score``; all first choices before second choices for ``first_choice``), at most ``capacity``
+    each. Kept ones sit in their buffer in that order, except under ``score``: token order.
     """
     num_tokens, top_k = experts_TK.shape
     pairs = [(t, k) for t in range(num_tokens) for k in range(top_k)]
     if policy == "first_choice":
         pairs = [(t, k) for k in range(top_k) for t in range(num_tokens)]
-    elif policy == "probs":
+    elif policy == "score":
         pairs = sorted(pairs, key=lambda tk: (-scores_TE[tk[0], experts_TK[tk]].item(), tk[0]))
     keep_TK = torch.zeros(num_tokens, top_k, dtype=torch.bool)
     filled = [0] * scores_TE.shape[1]
@@ -67,7 +67,7 @@ def reference_rule(experts_TK: torch.Tensor, scores_TE: torch.Tensor, capacity: 
         filled[e] += int(keep_TK[t, k])
     location_TK = torch.zeros(num_tokens, top_k, dtype=torch.long)
     filled = [0] * scores_TE.shape[1]
-    for t, k in pairs if policy != "probs" else sorted(pairs):
+    for t, k in pairs if policy != "score" else sorted(pairs):
         if keep_TK[t, k]:
             e = int(experts_TK[t, k])
             location_TK[t, k], filled[e] = filled[e], filled[e] + 1
@@ -155,7 +155,7 @@ def softmax_routing(logits_SE: torch.Tensor, top_k: int):  # noqa: ANN201
 
 
 @pytest.mark.parametrize(("policy", "top_k", "capacity_factor", "min_capacity"), [
-    ("position", 2, 0.5, 1), ("position", 3, 0.7, 1), ("probs", 2, 0.5, 1), ("probs", 3, 0.3, 3),
+    ("position", 2, 0.5, 1), ("position", 3, 0.7, 1), ("score", 2, 0.5, 1), ("score", 3, 0.3, 3),
     ("first_choice", 2, 0.6, 1), ("dropless", 2, 1.0, 4), ("dropless", 3, 1.0, 4),
 ])
 def test_routes_match_deepspeeds_gating(policy: str, top_k: int, capacity_factor: float, min_capacity: int) -> None:
@@ -235,7 +235,7 @@ def test_layer_matches_plain_pytorch(single: dict, case: str) -> None:
         assert got["capacity"] == int(counts_E.max())  # drop_tokens=False: the largest expert count
 
 
-@pytest.mark.parametrize("case", ["position", "probs", "first_choice", "top3_position"])
+@pytest.mark.parametrize("case", ["position", "score", "first_choice", "top3_position"])
 def test_capacity_drops_what_deepspeeds_rule_drops(single: dict, case: str) -> None:
     got = single[case]
     kwargs = got["layer_kwargs"]

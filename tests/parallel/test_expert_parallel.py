@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
 from lightning_moe.parallel import ExpertParallelGroups, check_expert_parallel_size, moe_param_groups
 from lightning_moe.parallel.expert_parallel import expert_parameters
@@ -101,8 +101,10 @@ def test_bad_expert_parallel_sizes_are_refused_with_the_valid_values() -> None:
                                          r"\[1, 2, 3, 6\]"):
         MoELayer(8, 16, 6, expert_parallel_size=4)
     with pytest.raises(ValueError, match="`expert_parallel_size`=3 must divide `num_experts`=8"):
-        MoETransformer(64, 16, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
-                       granularity=2, expert_parallel_size=3)
+        MoETransformer(
+            64, max_seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+            moe=MoEConfig(num_experts=4, expert_d_ff=8, granularity=2, expert_parallel_size=3),
+        )
     with pytest.raises(ValueError, match=r"must be an integer >= 1, got 0"):
         MoELayer(8, 16, 4, expert_parallel_size=0)
     with pytest.raises(ValueError, match=r"must divide the number of processes \(3\); valid values for 3 processes "
@@ -120,8 +122,10 @@ def test_expert_parallel_needs_a_process_group() -> None:
 def test_param_groups_are_the_same_at_every_expert_parallel_size() -> None:
     def groups(size: int) -> list[dict]:
         torch.manual_seed(0)
-        model = MoETransformer(64, 16, d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
-                               expert_parallel_size=size)
+        model = MoETransformer(
+            64, max_seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+            moe=MoEConfig(num_experts=4, expert_d_ff=8, expert_parallel_size=size),
+        )
         return model, moe_param_groups(model, lr=0.1)
 
     model1, g1 = groups(1)

@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 
 WORKER = Path(__file__).with_name("ep_fit_worker.py")
@@ -155,8 +156,10 @@ def test_bias_updates_and_revival_under_ep2_match_one_process(runs: Path) -> Non
 
 
 def test_an_expert_parallel_size_that_does_not_divide_the_processes_stops_before_training(tmp_path: Path) -> None:
-    model = MoELanguageModel(64, 16, d_model=16, n_layers=1, n_heads=2, d_ff=32, num_experts=4, expert_d_ff=8,
-                             expert_parallel_size=2)
+    model = MoELanguageModel(
+        64, 16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+        moe=MoEConfig(num_experts=4, expert_d_ff=8, expert_parallel_size=2),
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     loader = torch.utils.data.DataLoader([{"input_ids": torch.zeros(17, dtype=torch.long)}] * 4, batch_size=2)

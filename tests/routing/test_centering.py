@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 
+from lightning_moe.layers import MoEConfig
 from lightning_moe.routing import AttentionScorer, HybridScorer, LinearScorer, MLPHadamardScorer, MLPScorer
 from lightning_moe.routing.centering import InputCentering
 
@@ -89,8 +90,11 @@ def test_layers_are_balanced_from_the_first_step_and_after_50_steps(scorer: str,
 
     def demo(factory) -> MoELanguageModel:  # noqa: ANN001
         torch.manual_seed(0)
-        return MoELanguageModel(router=partial(TopKRouter, top_k=2, scorer=factory),
-                                balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)])
+        return MoELanguageModel(
+            moe=MoEConfig(
+                router=partial(TopKRouter, top_k=2, scorer=factory), balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)],
+            ),
+        )
 
     first = next(batches)
     if scorer == "centred_linear":

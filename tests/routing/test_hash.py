@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
 from lightning_moe.routing import HashRouter
 
@@ -104,8 +104,10 @@ def test_lsh_routes_similar_states_together_and_spreads_isotropic_ones() -> None
 
 def test_model_passes_token_ids_down_to_the_router() -> None:
     torch.manual_seed(0)
-    model = MoETransformer(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, num_experts=4,
-                           expert_d_ff=16, router=lambda d, e: HashRouter(d, e, vocab_size=64))
+    model = MoETransformer(
+        vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+        moe=MoEConfig(num_experts=4, expert_d_ff=16, router=lambda d, e: HashRouter(d, e, vocab_size=64)),
+    )
     ids = torch.randint(0, 64, (3, 16))
     model(ids)
     layer: MoELayer = model.moe_layers()[0]
