@@ -22,78 +22,14 @@ Each view exposes:
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_moe.balancing.losses import Balancer
 from lightning_moe.layers.record import RoutingRecorder
-from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.layers.view import MoELayerView, cached_view, forget_view, remember_view
+from lightning_moe.layers.view import MoELayerView, RecorderView, cached_view, forget_view, remember_view
 
 __all__ = ["LightningMoEView", "MoELayerView", "RecorderView", "find_moe_layers", "forget_view", "register_moe_adapter"]
-
-
-class RecorderView(MoELayerView):
-    """The view of every module that records its own routing
-    (:class:`~lightning_moe.layers.RoutingRecorder`: :class:`~lightning_moe.layers.MoELayer`,
-    ``DeepSpeedMoELayer``): stats, losses, balancers, bias offsets and router rows read from the
-    module; expert tensors from its ``expert_parameters()`` when it has grouped expert weights.
-    ``family`` is the module's ``view_family``."""
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        super().__init__(name, module, module.num_experts)
-        self.family = module.view_family
-
-    @property
-    def stats(self) -> RoutingStats | None:
-        return self.module.stats
-
-    @property
-    def aux_losses(self) -> dict[str, Tensor]:
-        return self.module.aux_losses
-
-    @property
-    def balancers(self) -> list[Balancer]:
-        return self.module.balancers
-
-    @property
-    def expert_bias(self) -> Tensor | None:
-        return getattr(self.module.router, "expert_bias_E", None)
-
-    def router_rows(self) -> list[Tensor]:
-        scorer = getattr(self.module.router, "scorer", None)
-        return scorer.expert_rows() if scorer is not None else []
-
-    def expert_tensors(self) -> list[Tensor]:
-        # Grouped expert weights whose dim 0 indexes experts (SwiGLU: w_gate, w_up, w_out; MLP experts
-        # also their biases); under expert parallelism this rank's rows.
-        expert_parameters = getattr(self.module, "expert_parameters", None)
-        return [] if expert_parameters is None else [p for _, p in expert_parameters()]
-
-    @torch.no_grad()
-    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
-               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
-        module = self.module
-        if getattr(module, "expert_parameters", None) is None:
-            raise NotImplementedError(
-                f"{self.name}: DeadExpertDetector(action='revive') does not support {type(module).__name__} (its "
-                "experts are not grouped tensors); use action='warn' or 'raise', or MoELayer.")
-        rows = module.expert_rows
-        if rows == slice(0, self.num_experts):
-            return super().revive(dead, sources, noise, generator)
-        # Expert parallelism: a dead expert and its source may sit on different ranks. Every rank of the
-        # group gathers the whole tensors (a collective of the layer's dispatcher), revives them
-        # identically (same loads, same seeded noise) and keeps its own rows.
-        shards = self.expert_tensors()
-        whole = [module.dispatcher.gather_experts(shard) for shard in shards]
-        changed = self._revive(whole, dead, sources, noise, generator)
-        for shard, tensor in zip(shards, whole, strict=True):
-            shard.copy_(tensor[rows])
-        mine = [d - rows.start for d in dead if rows.start <= d < rows.stop]
-        replaced = {id(t): s for t, s in zip(whole, shards, strict=True)}
-        return [(replaced[id(t)], mine) if id(t) in replaced else (t, changed_rows) for t, changed_rows in changed]
 
 
 LightningMoEView = RecorderView

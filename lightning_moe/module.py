@@ -84,7 +84,7 @@ class MoELanguageModel(L.LightningModule):
             :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the dense baseline.
         moe: the MoE layers: experts, router, balancers (``None``: ``[SwitchAuxLoss(0.01),
             ZLoss(0.001)]``), capacity, dispatcher, fine-grained and shared experts, expert
-            parallelism (:class:`~lightning_moe.layers.MoEConfig`; ``None``: its defaults). With
+            parallelism (:class:`~lightning_moe.layers.MoEConfig`). With
             ``moe.expert_parallel_size`` P > 1 the model is built whole and :meth:`setup` keeps
             each rank's ``E / P`` experts (:func:`~lightning_moe.parallel.setup_expert_parallel`),
             after checking that P divides the number of processes. Tokens reach their experts by
@@ -115,7 +115,7 @@ class MoELanguageModel(L.LightningModule):
         n_layers: int = 4,
         n_heads: int = 4,
         d_ff: int = 512,
-        moe: MoEConfig | None = None,
+        moe: MoEConfig = MoEConfig(),  # noqa: B008 - copied below; a default instance lists its fields in --help
         moe_every: int = 1,
         first_dense_layers: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -130,7 +130,8 @@ class MoELanguageModel(L.LightningModule):
         super().__init__()
         if isinstance(moe, dict):  # the plain part saved in a checkpoint's hyperparameters
             moe = MoEConfig(**moe)
-        moe = MoEConfig() if moe is None else replace(moe)  # a copy: balancers=None resolves per model
+        moe = MoEConfig() if moe is None else replace(moe)  # a copy: balancers=None resolves per model, and
+        # the shared default instance is never changed
         self.save_hyperparameters(ignore=["flat"])
         # Under LightningCLI the hyperparameters are the plain config (class paths and init args),
         # which `load_from_checkpoint` rebuilds. Python objects (a router class, balancer instances,

@@ -62,10 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.balancing.losses import Balancer
 from lightning_moe.integrations.hf_families import TOP_K_NAMES, HFFamily, read_setting
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
-from lightning_moe.layers.view import MoELayerView
+from lightning_moe.layers.view import MoELayerView, RecorderView
 from lightning_moe.routing.routing import Router
 from lightning_moe.routing.topk import group_limited_mask
 
@@ -235,45 +235,27 @@ class DeepseekV3View(HFMoEView):
     """DeepSeek-V3: sigmoid scores, bias-corrected group-limited top-k, routed scaling factor."""
 
 
-class SwappedRouterView(MoELayerView):
+class SwappedRouterView(RecorderView):
     """View of a supported block whose ``gate`` is a ``RouterGate`` (one of our routers, put there by
-    :func:`~lightning_moe.integrations.hf_routers.swap_routers`).
-
-    Everything comes from the gate and the block's fused experts: ``stats``, ``aux_losses`` and
-    ``balancers`` are the gate's, ``expert_bias`` the router's ``expert_bias_E``, ``router_rows()``
-    its scorer's ``expert_rows()``. ``family`` is the block's family. It registers no hook.
+    :func:`~lightning_moe.integrations.hf_routers.swap_routers`): the same view as our layers', with
+    the gate as the recorder (``stats``, ``aux_losses``, ``balancers``, the router's bias and rows)
+    and the block's fused experts as expert tensors. ``family`` is the block's family. It registers
+    no hook.
     """
 
     def __init__(self, name: str, module: nn.Module, family: str) -> None:
-        super().__init__(name, module, module.gate.router.num_experts)
-        self.family = family
+        super().__init__(name, module, module.gate.router.num_experts, family)
 
     @property
-    def router(self) -> Router:
-        return self.module.gate.router
-
-    @property
-    def stats(self) -> RoutingStats | None:
-        return self.module.gate.stats
-
-    @property
-    def aux_losses(self) -> dict[str, Tensor]:
-        return self.module.gate.aux_losses
-
-    @property
-    def balancers(self) -> list[Balancer]:
-        return self.module.gate.balancers
-
-    @property
-    def expert_bias(self) -> Tensor | None:
-        return getattr(self.router, "expert_bias_E", None)
-
-    def router_rows(self) -> list[Tensor]:
-        scorer = getattr(self.router, "scorer", None)
-        return scorer.expert_rows() if scorer is not None else []
+    def recorder(self) -> RoutingRecorder:
+        return self.module.gate
 
     def expert_tensors(self) -> list[Tensor]:
         return fused_expert_tensors(self.module.experts, self.num_experts)
+
+    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
+               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
+        return MoELayerView.revive(self, dead, sources, noise, generator)
 
 
 _MODELS = "transformers.models."

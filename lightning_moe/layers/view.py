@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.balancing.losses import Balancer
+from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
 
 
@@ -122,6 +123,80 @@ class MoELayerView:
 
 def _no_module() -> None:
     return None
+
+
+class RecorderView(MoELayerView):
+    """The view of every layer whose routing is recorded by a
+    :class:`~lightning_moe.layers.RoutingRecorder` (:class:`~lightning_moe.layers.MoELayer`,
+    ``DeepSpeedMoELayer``, a Hugging Face block whose gate is our ``RouterGate``): stats, losses,
+    balancers, bias offsets and router rows read from the recorder (:attr:`recorder`, the layer
+    itself unless a subclass says otherwise); expert tensors from the layer's
+    ``expert_parameters()`` when it has grouped expert weights. ``family`` defaults to the
+    recorder's ``view_family``."""
+
+    def __init__(self, name: str, module: nn.Module, num_experts: int | None = None,
+                 family: str | None = None) -> None:
+        super().__init__(name, module, module.num_experts if num_experts is None else num_experts)
+        self.family = self.recorder.view_family if family is None else family
+
+    @property
+    def recorder(self) -> RoutingRecorder:
+        """The module that records this layer's routing."""
+        return self.module
+
+    @property
+    def router(self) -> nn.Module:
+        return self.recorder.router
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        return self.recorder.stats
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return self.recorder.aux_losses
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return self.recorder.balancers
+
+    @property
+    def expert_bias(self) -> Tensor | None:
+        return getattr(self.router, "expert_bias_E", None)
+
+    def router_rows(self) -> list[Tensor]:
+        scorer = getattr(self.router, "scorer", None)
+        return scorer.expert_rows() if scorer is not None else []
+
+    def expert_tensors(self) -> list[Tensor]:
+        # Grouped expert weights whose dim 0 indexes experts (SwiGLU: w_gate, w_up, w_out; MLP experts
+        # also their biases); under expert parallelism this rank's rows.
+        expert_parameters = getattr(self.module, "expert_parameters", None)
+        return [] if expert_parameters is None else [p for _, p in expert_parameters()]
+
+    @torch.no_grad()
+    def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
+               generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
+        module = self.module
+        if getattr(module, "expert_parameters", None) is None:
+            raise NotImplementedError(
+                f"{self.name}: DeadExpertDetector(action='revive') does not support {type(module).__name__} (its "
+                "experts are not grouped tensors); use action='warn' or 'raise', or MoELayer.")
+        rows = module.expert_rows
+        if rows == slice(0, self.num_experts):
+            return super().revive(dead, sources, noise, generator)
+        # Expert parallelism: a dead expert and its source may sit on different ranks. Every rank of the
+        # group gathers the whole tensors (a collective of the layer's dispatcher), revives them
+        # identically (same loads, same seeded noise) and keeps its own rows.
+        shards = self.expert_tensors()
+        whole = [module.dispatcher.gather_experts(shard) for shard in shards]
+        changed = self._revive(whole, dead, sources, noise, generator)
+        for shard, tensor in zip(shards, whole, strict=True):
+            shard.copy_(tensor[rows])
+        mine = [d - rows.start for d in dead if rows.start <= d < rows.stop]
+        replaced = {id(t): s for t, s in zip(whole, shards, strict=True)}
+        return [(replaced[id(t)], mine) if id(t) in replaced else (t, changed_rows) for t, changed_rows in changed]
+
 
 
 # Discovery caches one view per layer, keyed weakly by the layer, so hooks a view registers are

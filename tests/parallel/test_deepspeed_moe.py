@@ -167,7 +167,8 @@ def test_routes_match_deepspeeds_gating(policy: str, top_k: int, capacity_factor
                         top2_2nd_expert_sampling=False, sparse_routes=True)
     else:
         ds = topkgating(logits_SE.clone(), top_k, capacity_factor, min_capacity, drop_tokens=drop_tokens,
-                        drop_policy=policy if drop_tokens else "position", sparse_routes=True)
+                        drop_policy={"score": "probs"}.get(policy, policy) if drop_tokens else "position",
+                        sparse_routes=True)  # DeepSpeed calls our "score" "probs"
     _, ds_capacity, _, ds_expert_KS, ds_location_KS, ds_gate_KS, ds_counts = ds
 
     capacity = None
