@@ -63,9 +63,9 @@ def test_config_builds_an_expert_parallel_deepspeed_run(path: Path, cli_env: Non
         assert strategy.config == json.loads((ROOT / init_args["config"]).read_text())
     else:
         assert strategy.config["zero_optimization"]["stage"] == init_args["stage"]
-    ep = spec["model"]["expert_parallel_size"]
+    ep = spec["model"]["moe"]["expert_parallel_size"]
     assert ep > 1 and cli.model.expert_parallel_size == ep
-    assert spec["model"]["num_experts"] * spec["model"].get("granularity", 1) % ep == 0
+    assert spec["model"]["moe"]["num_experts"] * spec["model"]["moe"].get("granularity", 1) % ep == 0
     assert cli.trainer.num_devices * cli.trainer.num_nodes % ep == 0
     layers = cli.model.model.moe_layers()
     assert layers and all(layer.expert_parallel_size == ep for layer in layers)

@@ -258,33 +258,37 @@ def _expert_slots(model: nn.Module) -> dict[int, MoELayer]:
     return slots
 
 
+def _sharded_expert_state(model: nn.Module, optimizer_state: dict[str, Any]) -> Iterator[
+        tuple[dict[str, Any], str, Tensor, MoELayer, ExpertParallelGroups]]:
+    """``(entry, key, value, layer, groups)`` for every tensor of per-element optimizer state (``entry``
+    is one parameter's state dict) of the sharded expert parameters of ``model``."""
+    for index, layer in _expert_slots(model).items():
+        groups = layer.expert_parallel
+        if groups is None or index not in optimizer_state["state"]:
+            continue
+        entry = optimizer_state["state"][index]
+        for key, value in list(entry.items()):
+            if isinstance(value, Tensor) and value.dim() >= 1:
+                yield entry, key, value, layer, groups
+
+
 @torch.no_grad()
 def gather_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """In a torch optimizer's ``state_dict()`` (built from :func:`moe_param_groups`), replace each
     sharded expert parameter's per-element state (Adam's moments, momentum buffers) by the whole
     tensor gathered over its expert-parallel group. Collective. Changes and returns it."""
-    for index, layer in _expert_slots(model).items():
-        groups = layer.expert_parallel
-        if groups is None or index not in optimizer_state["state"]:
-            continue
-        local = layer.num_experts // groups.size
-        for key, value in optimizer_state["state"][index].items():
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == local:
-                optimizer_state["state"][index][key] = gather_experts(value, groups)
+    for entry, key, value, layer, groups in _sharded_expert_state(model, optimizer_state):
+        if value.shape[0] == layer.num_experts // groups.size:
+            entry[key] = gather_experts(value, groups)
     return optimizer_state
 
 
 def slice_expert_optimizer_state(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """Load-time half: keep this rank's rows of whole expert state tensors, and give the saved
     parameter groups this model's expert-parallel group names. Changes and returns it."""
-    for index, layer in _expert_slots(model).items():
-        groups = layer.expert_parallel
-        if groups is None or index not in optimizer_state["state"]:
-            continue
-        local = layer.num_experts // groups.size
-        for key, value in optimizer_state["state"][index].items():
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == layer.num_experts != local:
-                optimizer_state["state"][index][key] = value[groups.rows(layer.num_experts)]
+    for entry, key, value, layer, groups in _sharded_expert_state(model, optimizer_state):
+        if value.shape[0] == layer.num_experts != layer.num_experts // groups.size:
+            entry[key] = value[groups.rows(layer.num_experts)]
     current = moe_param_groups(model)
     if len(current) == len(optimizer_state["param_groups"]):
         for saved, group in zip(optimizer_state["param_groups"], current, strict=True):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_moe.dispatch import grouped_dispatch, triton_dispatch
-from lightning_moe.dispatch.triton import fallback_reason
+from lightning_moe.dispatch.triton import _warn_fallback, fallback_reason
 from lightning_moe.layers import MoELayer
 from lightning_moe.routing import ExpertCapacity, TopKRouter
 
@@ -66,6 +66,7 @@ def test_fallback_warns_and_equals_grouped() -> None:
     reason = fallback_reason(x, layer.experts)
     assert reason is not None and "float64" in reason
     routing = layer.router(x)
+    _warn_fallback.cache_clear()  # it warns once per reason and process; an earlier test may have seen this one
     with pytest.warns(RuntimeWarning, match="falls back to 'grouped'.*float64"):
         y = triton_dispatch(x, routing, layer.experts)
     torch.testing.assert_close(y, grouped_dispatch(x, routing, layer.experts))

@@ -100,11 +100,9 @@ def test_bad_expert_parallel_sizes_are_refused_with_the_valid_values() -> None:
     with pytest.raises(ValueError, match=r"`expert_parallel_size`=4 must divide `num_experts`=6; valid values are "
                                          r"\[1, 2, 3, 6\]"):
         MoELayer(8, 16, 6, expert_parallel_size=4)
-    with pytest.raises(ValueError, match="`expert_parallel_size`=3 must divide `num_experts`=8"):
-        MoETransformer(
-            64, max_seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32,
-            moe=MoEConfig(num_experts=4, expert_d_ff=8, granularity=2, expert_parallel_size=3),
-        )
+    with pytest.raises(ValueError, match=r"`expert_parallel_size`=3 must divide the routed experts per layer, "
+                                         r"num_experts \* granularity = 8; valid values are \[1, 2, 4, 8\]"):
+        MoEConfig(num_experts=4, expert_d_ff=8, granularity=2, expert_parallel_size=3)
     with pytest.raises(ValueError, match=r"must be an integer >= 1, got 0"):
         MoELayer(8, 16, 4, expert_parallel_size=0)
     with pytest.raises(ValueError, match=r"must divide the number of processes \(3\); valid values for 3 processes "

@@ -102,8 +102,11 @@ def test_an_ep2_checkpoint_loads_with_ep1(runs: Path, ddp_ep2: list[dict]) -> No
     assert resumed[0]["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (4, 16, 8)
     torch.testing.assert_close(resumed[0]["logits"], ddp_ep2[0]["logits"], rtol=0, atol=1e-6)
     # Lightning's own loader, too: the file holds whole expert tensors.
+    # Its hyperparameters hold the plain fields of its MoEConfig; override the expert-parallel size only.
+    saved = torch.load(runs / "ddp_ep2.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["moe"]
+    assert saved["expert_parallel_size"] == 2 and saved["num_experts"] == 4
     model = MoELanguageModel.load_from_checkpoint(runs / "ddp_ep2.ckpt", map_location="cpu", weights_only=False,
-                                                  expert_parallel_size=1)
+                                                  moe={**saved, "expert_parallel_size": 1})
     assert model.model.blocks[0].ffn.experts.w_gate_EDF.shape == (4, 16, 8)
 
 
