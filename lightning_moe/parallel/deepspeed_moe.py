@@ -30,6 +30,7 @@ from lightning_moe._validate import check_non_negative_int, check_positive_float
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.config import MoEConfig
+from lightning_moe.layers.moe_layer import route
 from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import rank_within_expert
@@ -430,9 +431,6 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x`` of shape ``(..., D)`` -> same shape. ``token_ids`` (shape ``x.shape[:-1]``) reach the
         router, as in ``MoELayer``."""
-        # Imported here: lightning_moe.parallel loads while moe_layer is itself still importing it.
-        from lightning_moe.layers.moe_layer import route
-
         if x.shape[-1] != self.d_model:
             raise ValueError(f"DeepSpeedMoELayer expects inputs whose last dimension is d_model={self.d_model}, got "
                              f"shape {tuple(x.shape)}.")
