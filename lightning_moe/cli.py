@@ -12,6 +12,7 @@ routers if asked):
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,10 @@ def moved_keys(args: list[str]) -> list[str]:
     ``args``, each as ``where: old -> new``."""
     found = []
     for arg in args:
-        key = arg.split("=", 1)[0].removeprefix("--model.").split(".", 1)[0]
-        if arg.startswith("--model.") and key in MOVED_TO_MOE:
-            found.append(f"{arg.split('=', 1)[0]} -> --model.moe.{arg.split('=', 1)[0].removeprefix('--model.')}")
+        name = arg.split("=", 1)[0]
+        key = name.removeprefix("--model.")
+        if name.startswith("--model.") and key.split(".", 1)[0] in MOVED_TO_MOE:
+            found.append(f"{name} -> --model.moe.{key}")
     for path in _config_files(args):
         try:
             config: Any = yaml.safe_load(Path(path).read_text())
@@ -57,8 +59,6 @@ class _UsageErrorCLI(LightningCLI):
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, args as Lightning's
-        import sys
-
         given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         moved = moved_keys(given)
         if moved:

@@ -19,7 +19,7 @@ from lightning_moe.discovery import find_moe_layers
 from lightning_moe.integrations.hf_routers import swap_routers
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import total_aux_losses
-from lightning_moe.module import is_plain, log_sizes_once, log_training_losses
+from lightning_moe.module import keep_plain_hparams, log_sizes_once, log_training_losses
 
 TRAIN_MODES = ("all", "routers", "lora")
 
@@ -93,11 +93,7 @@ class HFMoEFineTune(L.LightningModule):
             moe = MoEConfig(**moe)
         _check_args(model, config, moe, init_from_gate, train, lora_target_modules, lora_r, lora_alpha, lora_dropout)
         self.save_hyperparameters()
-        if isinstance(self.hparams.get("moe"), MoEConfig):
-            self.hparams["moe"] = moe.plain()
-        # Router factories, balancers and callables are not plain config: dropped so that checkpoints
-        # load with weights_only=True (pass them again to `load_from_checkpoint`), as MoELanguageModel does.
-        self.remove_ignored_hparams([name for name, value in self.hparams.items() if not is_plain(value)])
+        keep_plain_hparams(self)  # as MoELanguageModel does
         self.train_setting = train
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

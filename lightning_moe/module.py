@@ -41,6 +41,21 @@ def is_plain(value: Any) -> bool:
     return False
 
 
+def keep_plain_hparams(module: L.LightningModule) -> None:
+    """Keep only plain config in ``module.hparams``, after ``save_hyperparameters``.
+
+    Under LightningCLI the hyperparameters are the plain config (class paths and init args), which
+    ``load_from_checkpoint`` rebuilds. Python objects (a router class, balancer instances, lambdas)
+    are dropped so that checkpoints load with ``torch.load(weights_only=True)``; pass them again to
+    ``load_from_checkpoint``. A :class:`~lightning_moe.layers.MoEConfig` keeps its plain fields, as a
+    dict its owner turns back into a ``MoEConfig``.
+    """
+    for name, value in list(module.hparams.items()):
+        if isinstance(value, MoEConfig):
+            module.hparams[name] = value.plain()
+    module.remove_ignored_hparams([name for name, value in module.hparams.items() if not is_plain(value)])
+
+
 def log_training_losses(module: L.LightningModule, lm_loss: Tensor, aux: dict[str, Tensor]) -> Tensor:
     """Log ``train/loss`` (``lm_loss`` plus every aux loss: the optimised total), ``train/lm_loss``
     and ``train/<name>`` of each aux loss; return the total."""
@@ -133,13 +148,7 @@ class MoELanguageModel(L.LightningModule):
         moe = MoEConfig() if moe is None else replace(moe)  # a copy: balancers=None resolves per model, and
         # the shared default instance is never changed
         self.save_hyperparameters(ignore=["flat"])
-        # Under LightningCLI the hyperparameters are the plain config (class paths and init args),
-        # which `load_from_checkpoint` rebuilds. Python objects (a router class, balancer instances,
-        # lambdas) are dropped so that checkpoints load with torch.load(weights_only=True); pass
-        # them again to `load_from_checkpoint` (the MoE configuration keeps its plain fields).
-        if isinstance(self.hparams.get("moe"), MoEConfig):
-            self.hparams["moe"] = moe.plain()
-        self.remove_ignored_hparams([name for name, value in self.hparams.items() if not is_plain(value)])
+        keep_plain_hparams(self)
         self.model = MoETransformer(vocab_size, max_seq_len=max_seq_len, d_model=d_model, n_layers=n_layers,
                                     n_heads=n_heads, d_ff=d_ff, moe=moe, moe_every=moe_every,
                                     first_dense_layers=first_dense_layers)

@@ -38,7 +38,7 @@ def fallback_reason(x_TD: Tensor, experts: object) -> str | None:
     """Why ``triton_dispatch`` cannot run the kernels on these inputs, or ``None`` if it can."""
     if swiglu_weights(experts) is None:
         return f"the Triton path runs SwiGLU experts (swiglu_weights()), not {type(experts).__name__}"
-    return _dtype_reason(x_TD) or unavailable_reason(x_TD)
+    return _input_reason(x_TD)
 
 
 @torch.compiler.assume_constant_result
@@ -73,29 +73,18 @@ class TritonDispatcher(GroupedDispatcher):
     name = "triton"
 
     def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Plan]:
-        reason = unavailable_reason(x_TD) or _dtype_reason(x_TD)
+        reason = _input_reason(x_TD)
         if reason is not None:
             _warn_fallback(reason)
             return super().permute(x_TD, routing)
-        from lightning_moe.kernels.permute import make_plan, permute
-
-        kernel_plan = make_plan(routing.token_A, routing.expert_A, x_TD.shape[0], routing.num_experts)
-        plan = TritonPlan(counts_E=kernel_plan.counts_E, num_tokens=x_TD.shape[0], token_A=kernel_plan.src_token_A,
-                          weight_A=routing.weight_A[kernel_plan.token_order_A].float(), dtype=x_TD.dtype,
-                          kernel_plan=kernel_plan)
-        return permute(x_TD, kernel_plan), plan
+        return self._kernel_permute(x_TD, routing)
 
     def compute(self, x_AD: Tensor, plan: Plan, experts: Experts) -> Tensor:
         reason = fallback_reason(x_AD, experts)
         if reason is not None:
             _warn_fallback(reason)
             return super().compute(x_AD, plan, experts)
-        from lightning_moe.kernels.grouped_gemm import grouped_swiglu
-
-        offsets_E1 = plan.kernel_plan.offsets_E1 if isinstance(plan, TritonPlan) and plan.kernel_plan is not None \
-            else torch.cat([plan.counts_E.new_zeros(1), plan.counts_E.cumsum(0)])
-        weights = (w.to(x_AD.dtype) for w in swiglu_weights(experts))
-        return grouped_swiglu(x_AD, *weights, offsets_E1, precision=_precision(x_AD))
+        return self._kernel_compute(x_AD, plan, experts.swiglu_weights())
 
     def combine(self, out_AD: Tensor, plan: Plan) -> Tensor:
         if not isinstance(plan, TritonPlan) or plan.kernel_plan is None:
@@ -105,18 +94,35 @@ class TritonDispatcher(GroupedDispatcher):
         return unpermute(out_AD, plan.weight_A, plan.kernel_plan)
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-        reason = fallback_reason(x_TD, experts)
+        reason = fallback_reason(x_TD, experts)  # checked once here, not again in each step
         if reason is not None:
             _warn_fallback(reason)
             return super().__call__(x_TD, routing, experts)  # the grouped backend, fused
-        x_AD, plan = self.permute(x_TD, routing)
-        return self.combine(self.compute(x_AD, plan, experts), plan)
+        x_AD, plan = self._kernel_permute(x_TD, routing)
+        return self.combine(self._kernel_compute(x_AD, plan, experts.swiglu_weights()), plan)
+
+    def _kernel_permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, TritonPlan]:
+        from lightning_moe.kernels.permute import make_plan, permute
+
+        kernel_plan = make_plan(routing.token_A, routing.expert_A, x_TD.shape[0], routing.num_experts)
+        plan = TritonPlan(counts_E=kernel_plan.counts_E, num_tokens=x_TD.shape[0], token_A=kernel_plan.src_token_A,
+                          weight_A=routing.weight_A[kernel_plan.token_order_A].float(), dtype=x_TD.dtype,
+                          kernel_plan=kernel_plan)
+        return permute(x_TD, kernel_plan), plan
+
+    def _kernel_compute(self, x_AD: Tensor, plan: Plan, weights: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        from lightning_moe.kernels.grouped_gemm import grouped_swiglu
+
+        offsets_E1 = plan.kernel_plan.offsets_E1 if isinstance(plan, TritonPlan) and plan.kernel_plan is not None \
+            else torch.cat([plan.counts_E.new_zeros(1), plan.counts_E.cumsum(0)])
+        return grouped_swiglu(x_AD, *(w.to(x_AD.dtype) for w in weights), offsets_E1, precision=_precision(x_AD))
 
 
-def _dtype_reason(x: Tensor) -> str | None:
+def _input_reason(x: Tensor) -> str | None:
+    """Why the kernels cannot take ``x`` (its dtype, or no Triton for its device), or ``None``."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the Triton kernels take float32, float16 or bfloat16 inputs, got {x.dtype}"
-    return None
+    return unavailable_reason(x)
 
 
 triton_dispatch = TritonDispatcher()

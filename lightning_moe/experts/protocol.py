@@ -43,4 +43,5 @@ class FusedSwiGLU(Protocol):
 
 def swiglu_weights(experts: object) -> tuple[Tensor, Tensor, Tensor] | None:
     """The experts' fused SwiGLU weights if they offer them (:class:`FusedSwiGLU`), else ``None``."""
-    return experts.swiglu_weights() if isinstance(experts, FusedSwiGLU) else None
+    fused = getattr(experts, "swiglu_weights", None)  # FusedSwiGLU, without a Protocol isinstance per call
+    return None if fused is None else fused()

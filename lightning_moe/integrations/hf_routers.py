@@ -46,7 +46,6 @@ from lightning_moe.integrations.hf import (
 )
 from lightning_moe.layers.moe_layer import route
 from lightning_moe.layers.record import RoutingRecorder
-from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.layers.view import forget_view
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.factory import RouterFactory
@@ -113,8 +112,7 @@ class RouterGate(RoutingRecorder, nn.Module):
         self.capacity = capacity
         self.experts_config = experts_config
         self.routing: Routing | None = None
-        self.aux_losses: dict[str, Tensor] = {}
-        self.stats: RoutingStats | None = None
+        self.clear_record()
 
     @property
     def pad_index(self) -> int:

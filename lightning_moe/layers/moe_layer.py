@@ -19,7 +19,6 @@ from lightning_moe.dispatch.registry import get_dispatcher
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import RoutingRecorder
-from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import ExpertCapacity
 from lightning_moe.routing.factory import build_router
 from lightning_moe.routing.routing import Router, Routing
@@ -129,10 +128,8 @@ class MoELayer(RoutingRecorder, nn.Module):
                 f"`expert_parallel_size`={expert_parallel_size} must divide `num_experts`={num_experts}; valid values "
                 f"are {divisors(num_experts)}."
             )
-        self.expert_rows = slice(0, num_experts)
         self.register_load_state_dict_pre_hook(MoELayer._keep_own_expert_rows)
-        self.aux_losses: dict[str, Tensor] = {}
-        self.stats: RoutingStats | None = None
+        self.clear_record()
 
     @classmethod
     def from_config(cls, d_model: int, moe: MoEConfig, experts: ExpertsFactory = SwiGLUExperts) -> MoELayer:
@@ -154,6 +151,11 @@ class MoELayer(RoutingRecorder, nn.Module):
     @dispatcher.setter
     def dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self._dispatcher = self._dispatcher.with_local(get_dispatcher(dispatcher))
+
+    @property
+    def expert_rows(self) -> slice:
+        """The global experts this layer holds (``dispatcher.expert_rows``): all E until :meth:`shard`."""
+        return self._dispatcher.expert_rows(self.num_experts)
 
     @property
     def expert_parallel(self) -> Any:
@@ -190,7 +192,6 @@ class MoELayer(RoutingRecorder, nn.Module):
             owner = self.experts.get_submodule(owner_name) if owner_name else self.experts
             setattr(owner, attr, nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad))
         self.experts.num_experts = rows.stop - rows.start
-        self.expert_rows = rows
         self._dispatcher = dispatcher
 
     def _keep_own_expert_rows(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:

@@ -36,7 +36,7 @@ class RoutingRecorder:
         self.stats = RoutingStats.from_routing(routing)
 
     def clear_record(self) -> None:
-        """Forget the last forward's record (before the first forward, and after a reset)."""
+        """Start with no record: no losses, no stats (each recorder's ``__init__`` calls this)."""
         self.aux_losses = {}
         self.stats = None
 

@@ -32,7 +32,6 @@ from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import route
 from lightning_moe.layers.record import RoutingRecorder
-from lightning_moe.layers.stats import RoutingStats
 from lightning_moe.routing.capacity import rank_within_expert
 from lightning_moe.routing.expert_choice import ExpertChoiceRouter
 from lightning_moe.routing.factory import build_router
@@ -375,8 +374,7 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
                 for module in local_expert.modules():
                     if module is not local_expert and hasattr(module, "reset_parameters"):
                         module.reset_parameters()
-        self.aux_losses: dict[str, Tensor] = {}
-        self.stats: RoutingStats | None = None
+        self.clear_record()
 
     @classmethod
     def from_config(cls, d_model: int, moe: MoEConfig, expert: nn.Module | None = None) -> DeepSpeedMoELayer:
