@@ -54,3 +54,9 @@ def check_token_ids(token_ids: Tensor, vocab_size: int) -> None:
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
         raise ValueError(f"Token ids must be in [0, vocab_size={vocab_size}); got ids in [{int(token_ids.min())}, "
                          f"{int(token_ids.max())}]. Set `vocab_size` to the tokenizer's vocabulary size.")
+
+
+class UsageError(ValueError):
+    """A bad parameter, file or flag found once the run has started (data too small, a binary text
+    file, an incomplete checkpoint): the ``lightning-moe`` command prints the message alone and exits
+    with status 2, like a command-line usage error, instead of a traceback."""

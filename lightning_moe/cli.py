@@ -11,18 +11,32 @@ routers if asked):
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+import signal
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_moe._validate import UsageError
+from lightning_moe.callbacks.checkpoint import find_last_checkpoint, incomplete_reason, newest_complete_sibling
+from lightning_moe.callbacks.stops import Preempted, TrainingStopped
 from lightning_moe.data.datamodule import TextDataModule
 from lightning_moe.models.transformer import MOVED_TO_MOE
 from lightning_moe.module import MoELanguageModel
+
+#: The collective timeout the command gives DDP and DeepSpeed unless the strategy sets ``timeout``:
+#: a rank that hangs makes the others fail after this long instead of torch's 30 minutes.
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+_TORCH_DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 def _config_files(args: list[str]) -> Iterator[str]:
@@ -53,23 +67,317 @@ def moved_keys(args: list[str]) -> list[str]:
     return found
 
 
+def _say(message: str) -> None:
+    """Print ``message`` to stderr once per job (from the first process only)."""
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def usage_exit(message: str) -> None:
+    """Exit with status 2 and ``message`` alone (a usage error: the flag, value or file, and what to do)."""
+    print(f"{Path(sys.argv[0]).name or 'lightning-moe'}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of nested dicts and Namespaces (lists are leaves; ``_private`` keys skipped)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not str(key).startswith("_"):
+                out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, (dict, Namespace)) else None
+    return tree
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
+
+
+def _without_init_args(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part != "init_args")
+
+
+def explicit_model_keys(args: list[str]) -> set[str]:
+    """The model settings ``args`` set: ``--model.*`` flags and the ``model:`` keys of ``--config`` files,
+    dotted, without ``init_args`` (``optimizer.lr`` for ``--model.optimizer.init_args.lr``)."""
+    keys = set()
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--model."):
+            keys.add(_without_init_args(name.removeprefix("--model.")))
+    for path in _config_files(args):
+        try:
+            config: Any = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict):
+            keys |= {_without_init_args(key) for key in _flat(model)}
+    return keys
+
+
+def _is_explicit(key: str, explicit: set[str]) -> bool:
+    key = _without_init_args(key)
+    return any(key == given or key.startswith(given + ".") for given in explicit)
+
+
+def _loggers(trainer: Namespace) -> list[Namespace]:
+    logger = trainer.get("logger")
+    loggers = logger if isinstance(logger, list) else [logger]
+    return [x for x in loggers if isinstance(x, Namespace) and isinstance(x.get("init_args"), Namespace)]
+
+
 class _UsageErrorCLI(LightningCLI):
+    """What both commands add to LightningCLI: usage errors without tracebacks, a run's output under
+    ``--trainer.default_root_dir``, ``--ckpt_path last`` that finds the run's newest checkpoint, resumes
+    that check the command against the checkpoint, and exit statuses that say why a run stopped
+    (:mod:`lightning_moe.callbacks.stops`)."""
+
     #: Our components check their arguments when built and raise these naming the parameter; on
     #: the command line that is a usage error, not a traceback.
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, args as Lightning's
         given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        self._given_args = given
         moved = moved_keys(given)
         if moved:
             parser.error("The MoE settings moved under `model.moe` (one MoEConfig): " + "; ".join(moved))
         super().parse_arguments(parser, args)
 
+    # ----------------------------------------------------------------- where a run writes, and resuming
+
+    def _run_dirs(self, config: Namespace) -> list[Path]:
+        """The folders that hold this run's version folders: ``<save_dir>/<name>`` of each logger."""
+        trainer = config.trainer
+        root = trainer.get("default_root_dir")
+        loggers = _loggers(trainer)
+        if not loggers:
+            if trainer.get("logger") is False:
+                return []
+            return [Path(root or os.getcwd()) / "lightning_logs"]  # Lightning's default TensorBoard logger
+        dirs = []
+        for logger in loggers:
+            init = logger.init_args
+            save_dir = init.get("save_dir") or init.get("root_dir")
+            if save_dir is None:
+                continue
+            name = init.get("name", "lightning_logs")
+            dirs.append(Path(save_dir) / name if name else Path(save_dir))
+        return dirs
+
+    def _place_output(self, config: Namespace) -> None:
+        """A relative logger ``save_dir`` is under ``trainer.default_root_dir`` when that is given, so the
+        shipped configs (``save_dir: runs``) write everything under it."""
+        root = config.trainer.get("default_root_dir")
+        if root is None:
+            return
+        for logger in _loggers(config.trainer):
+            for key in ("save_dir", "root_dir"):
+                value = logger.init_args.get(key)
+                if isinstance(value, (str, Path)) and not os.path.isabs(value):
+                    logger.init_args[key] = os.path.join(root, value)
+
+    def _resolve_last(self, config: Namespace) -> None:
+        """``ckpt_path: last`` is the newest ``last.ckpt`` of this run (the logger's ``<save_dir>/<name>``), or
+        no checkpoint (a fresh start) when the run has none yet, so a job can always pass it."""
+        if config.get("ckpt_path") != "last":
+            return
+        run_dirs = self._run_dirs(config)
+        if not run_dirs and config.trainer.get("logger") is False:
+            root = Path(config.trainer.get("default_root_dir") or os.getcwd())
+            found = root / "checkpoints" / "last.ckpt"
+            found = found if found.exists() else None
+        else:
+            found = next((f for f in map(find_last_checkpoint, run_dirs) if f is not None), None)
+        if found is None:
+            where = ", ".join(str(d) for d in run_dirs) or "the run"
+            _say(f"--ckpt_path last: no checkpoint of this run in {where} yet; starting from scratch.")
+            config.ckpt_path = None
+        else:
+            config.ckpt_path = str(found)
+            _say(f"--ckpt_path last: resuming {found}")
+
+    def _continue_in_run_folder(self, config: Namespace, ckpt: Path) -> None:
+        """A checkpoint in ``<run dir>/<version>/checkpoints/`` continues that version folder: its logs and
+        checkpoints, one TensorBoard curve."""
+        ckpt = ckpt.absolute()
+        if ckpt.parent.name != "checkpoints":
+            return
+        version_dir = ckpt.parent.parent
+        for logger, run_dir in zip(_loggers(config.trainer), self._run_dirs(config), strict=False):
+            if version_dir.parent == run_dir.absolute() and logger.init_args.get("version") is None:
+                version = version_dir.name
+                logger.init_args["version"] = version
+
+    def _check_values(self, config: Namespace) -> None:
+        lr = _get(config, "model.optimizer.init_args.lr")
+        if isinstance(lr, (int, float)) and not lr >= 0:
+            usage_exit(f"`model.optimizer.init_args.lr` (--model.optimizer.init_args.lr) must be >= 0, got {lr!r}.")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``; refuse an incomplete checkpoint naming it; take the checkpoint's
+        model settings except those the command sets (a ``--model.*`` flag or a ``model:`` key of a config
+        file), which are checked against the checkpoint's shapes once the model is built."""
+        self._resume_state: dict[str, Any] | None = None
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        self._place_output(config)
+        self._check_values(config)
+        if not subcommand:
+            return
+        self._resolve_last(config)
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        reason = incomplete_reason(ckpt_path)
+        if reason is not None:
+            previous = newest_complete_sibling(ckpt_path) if Path(ckpt_path).parent.is_dir() else None
+            hint = f" The newest complete checkpoint beside it is {previous}: resume with --ckpt_path {previous}." \
+                if previous else ""
+            usage_exit(f"`ckpt_path` {ckpt_path}: {reason}.{hint}")
+        self._continue_in_run_folder(config, Path(ckpt_path))
+        if not Path(ckpt_path).is_file():
+            return  # a DeepSpeed checkpoint directory: its hyperparameters are not read
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file: say which
+            usage_exit(f"`ckpt_path` {ckpt_path} does not load ({type(err).__name__}: {err}); it is damaged.")
+        hparams = copy.deepcopy(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        self._resume_state = {"path": ckpt_path, "step": ckpt.get("global_step"), "applied": {}, "shapes": {
+            k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if isinstance(v, torch.Tensor)}}
+        if not hparams:
+            return
+        if "_class_path" in hparams:  # a model chosen by class path: Lightning's merge, unchanged
+            super()._parse_ckpt_path()
+            return
+        explicit = explicit_model_keys(getattr(self, "_given_args", []))
+        given = {k: v for k, v in _flat(config.get("model")).items() if _is_explicit(k, explicit)}
+        saved = _flat(hparams)
+        merged = copy.deepcopy(hparams)
+        applied: dict[str, tuple[Any, Any]] = {}
+        # A class chosen here that differs from the checkpoint's brings its own arguments, whole.
+        replaced = [k[: -len("class_path")] for k, v in given.items()
+                    if k.endswith("class_path") and k in saved and not _same(v, saved[k])]
+        for prefix in replaced:
+            chosen = _get(config.model, prefix[:-1])
+            _set(merged, prefix[:-1], chosen.as_dict() if isinstance(chosen, Namespace) else copy.deepcopy(chosen))
+            applied[f"{prefix}class_path"] = (given[f"{prefix}class_path"], saved[f"{prefix}class_path"])
+        for key, value in given.items():
+            if any(key.startswith(prefix) for prefix in replaced) or key not in saved:
+                continue
+            if not _same(value, saved[key]):
+                _set(merged, key, value)
+                applied[key] = (value, saved[key])
+        self._resume_state["applied"] = applied
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed.\n")
+            raise
+
+    def _check_resumed_shapes(self) -> None:
+        """Refuse settings that change the model's shapes from the checkpoint's, naming them; report the
+        settings of this command that replace the checkpoint's."""
+        state = self._resume_state
+        if not state or not state["shapes"] or getattr(self, "model", None) is None:
+            return
+        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        saved = state["shapes"]
+        wrong = [f"{k} is {list(saved[k])} in the checkpoint, {list(mine[k])} here" for k in saved
+                 if k in mine and saved[k] != mine[k]]
+        missing, extra = sorted(saved.keys() - mine.keys()), sorted(mine.keys() - saved.keys())
+        if missing:
+            wrong.append(f"{len(missing)} tensors of the checkpoint are not in this model (e.g. {missing[0]})")
+        if extra:
+            wrong.append(f"{len(extra)} tensors of this model are not in the checkpoint (e.g. {extra[0]})")
+        flags = "; ".join(f"model.{k} = {new!r} here, {old!r} in the checkpoint"
+                          for k, (new, old) in state["applied"].items())
+        if wrong:
+            cause = f"These settings differ from the checkpoint's: {flags}. " if flags else ""
+            usage_exit(f"`ckpt_path` {state['path']} was saved by a model of another shape: {cause}"
+                       f"{'; '.join(wrong[:3])}. A resumed run keeps its model's shape: drop those flags, or start a "
+                       "new run (upcycle_from turns a dense checkpoint into an MoE).")
+        if flags:
+            _say(f"Resuming {state['path']} (step {state['step']}) with this command's {flags}; every other model "
+                 "setting from the checkpoint; trainer settings (max_steps, callbacks...) from this command.")
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except self.usage_errors as err:
-            self.parser.error(str(err))
+            usage_exit(str(err))
+        self._check_resumed_shapes()
+        strategy = self.trainer.strategy
+        if getattr(strategy, "_timeout", None) == _TORCH_DEFAULT_TIMEOUT:
+            strategy._timeout = DEFAULT_COLLECTIVE_TIMEOUT
+
+    # ----------------------------------------------------------------- how a run ends
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except TrainingStopped as stop:
+            _say(f"{type(stop).__name__}: {stop}")
+            raise SystemExit(self._exit_code(stop)) from None
+        except UsageError as err:
+            self._kill_children()
+            usage_exit(str(err))
+        except Exception as err:
+            if not _is_timeout(err):
+                raise
+            self._kill_children()
+            timeout = getattr(self.trainer.strategy, "_timeout", None)
+            print(f"A collective operation did not complete within the collective timeout ({timeout}; "
+                  "set it with --trainer.strategy.init_args.timeout): another rank hung or died. "
+                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def _exit_code(self, stop: TrainingStopped) -> int:
+        from lightning.fabric.plugins.environments import LightningEnvironment
+
+        if isinstance(stop, Preempted):
+            # The processes Lightning started for the other ranks exit 0 after saving: its watcher kills the
+            # main process when a child fails, and the main process reports the status to the scheduler.
+            environment = getattr(self.trainer.strategy, "cluster_environment", None)
+            if self.trainer.local_rank > 0 and type(environment) is LightningEnvironment:
+                return 0
+        else:
+            self._kill_children()
+        return stop.exit_code
+
+    def _kill_children(self) -> None:
+        """Stop the processes Lightning started for the other ranks (a rank that hangs would outlive us)."""
+        for process in getattr(getattr(self.trainer.strategy, "launcher", None), "procs", None) or []:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+
+
+def _is_timeout(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    distributed = type(err).__module__.startswith("torch") or "gloo" in text or "nccl" in text
+    return distributed and ("timed out" in text or "timeout" in text)
 
 
 class MoECLI(_UsageErrorCLI):

@@ -19,7 +19,13 @@ from lightning_moe.discovery import find_moe_layers
 from lightning_moe.integrations.hf_routers import swap_routers
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import total_aux_losses
-from lightning_moe.module import keep_plain_hparams, log_sizes_once, log_training_losses
+from lightning_moe.module import (
+    apply_resumed_schedule,
+    configure_optimization,
+    keep_plain_hparams,
+    log_sizes_once,
+    log_training_losses,
+)
 
 TRAIN_MODES = ("all", "routers", "lora")
 
@@ -160,10 +166,10 @@ class HFMoEFineTune(L.LightningModule):
         log_sizes_once(self, self.size_metrics(), headline=f"train={self.train_setting!r}: ")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return configure_optimization(self, [p for p in self.parameters() if p.requires_grad])
+
+    def on_train_start(self) -> None:
+        apply_resumed_schedule(self)
 
 
 def _check_args(model: str | None, config: dict | None, moe: MoEConfig | None, init_from_gate: bool, train: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,60 @@ def log_sizes_once(module: L.LightningModule, metrics: dict[str, int], headline:
     if module.trainer.is_global_zero:
         for logger in module.loggers:
             logger.log_metrics(metrics, step=0)
+
+
+def configure_optimization(module: L.LightningModule, params: Any) -> Any:
+    """``module.optimizer(params)`` and, if ``module.lr_scheduler``, its scheduler stepped every optimizer
+    step (a :class:`~lightning_moe.optim.WarmupCosineLR` without ``total_steps`` ends at the trainer's
+    last step). Remembers the configured learning rates for :func:`apply_resumed_schedule`."""
+    optimizer = module.optimizer(params)
+    module._configured_lrs = [group["lr"] for group in optimizer.param_groups]
+    if module.lr_scheduler is None:
+        return optimizer
+    scheduler = module.lr_scheduler(optimizer)
+    module._auto_total_steps = isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None
+    if module._auto_total_steps:
+        scheduler.total_steps = int(module.trainer.estimated_stepping_batches)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def apply_resumed_schedule(module: L.LightningModule) -> None:
+    """After resuming, follow this command's learning rate and ``max_steps`` rather than the checkpoint's.
+
+    Restoring a checkpoint restores the optimizer's learning rates and the scheduler's state as they
+    were saved; a resumed run that was given another ``model.optimizer.init_args.lr`` or
+    ``trainer.max_steps`` would silently keep the old ones. Here the scheduler's base rates become the
+    configured ones (the current rate scaled alike) and an automatic cosine schedule ends at the new last
+    step; one line says what changed. Nothing changes when the command matches the checkpoint, so such a
+    resume stays bit-exact.
+    """
+    trainer = module.trainer
+    configured = getattr(module, "_configured_lrs", None)
+    if trainer.ckpt_path is None or not configured or not trainer.optimizers:
+        return
+    optimizer = trainer.optimizers[0]
+    scheduler = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+    notes = []
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, configured, strict=False)):
+        saved = group.get("initial_lr", group["lr"])
+        if math.isclose(saved, lr, rel_tol=1e-9, abs_tol=0.0):
+            continue
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs[i] = lr
+            group["initial_lr"] = lr
+        group["lr"] = group["lr"] * lr / saved if saved else lr
+        notes.append(f"learning rate {saved:g} -> {lr:g} (group {i})")
+    if isinstance(scheduler, WarmupCosineLR) and getattr(module, "_auto_total_steps", False):
+        total = int(trainer.estimated_stepping_batches)
+        if scheduler.total_steps != total:
+            notes.append(f"cosine schedule ends at step {total} (was {scheduler.total_steps})")
+            scheduler.total_steps = total
+        if notes:
+            factor = scheduler._factor(scheduler.last_epoch)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=False):
+                group["lr"] = base * factor
+    if notes:
+        rank_zero_info(f"Resumed from {trainer.ckpt_path} with this command's schedule: " + "; ".join(notes) + ".")
 
 
 class MoELanguageModel(L.LightningModule):
@@ -219,6 +274,9 @@ class MoELanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         log_sizes_once(self, self.size_metrics())
 
+    def on_train_start(self) -> None:
+        apply_resumed_schedule(self)
+
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids_BS1 = batch["input_ids"]
         logits_BSV = self.model(ids_BS1[:, :-1])
@@ -250,10 +308,4 @@ class MoELanguageModel(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # Routed experts in their own group(s): DeepSpeed's ZeRO needs that under expert parallelism, and
         # the same groups at every expert-parallel size let optimizer state reshard with the weights.
-        optimizer = self.optimizer(moe_param_groups(self))
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, moe_param_groups(self))

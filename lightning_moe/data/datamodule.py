@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_moe._validate import check_positive_int
+from lightning_moe._validate import UsageError, check_positive_int
 from lightning_moe.data.corpus import CORPORA, SHAKESPEARE_VAL_TEXTS, builtin_corpus_lines, split_shakespeare
 from lightning_moe.data.loader import EpochShuffleSampler, ResumableDataLoader
 from lightning_moe.data.tokenizer import ByteTokenizer, HFTokenizer
+
+
+def check_utf8(path: str, chunk_bytes: int = 1 << 22) -> None:
+    """Raise :class:`~lightning_moe._validate.UsageError` naming ``path`` and the byte offset unless the
+    file is UTF-8 text (read in chunks of ``chunk_bytes``, at about 1 GB/s)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                byte = chunk[err.start : err.start + 1]
+                raise UsageError(
+                    f"`data_files`: {path} is not UTF-8 text (byte {offset + err.start:,} is {byte!r}); give text "
+                    "files (a binary file, or another encoding: convert it with iconv)."
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UsageError(f"`data_files`: {path} ends inside a UTF-8 character: it is truncated or not "
+                             "UTF-8 text.") from None
 
 
 class TextDataModule(L.LightningDataModule):
@@ -67,6 +91,8 @@ class TextDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"`data_files`: no such file {path!r}.")
             if all(os.path.getsize(path) == 0 for path in self.data_files):
                 raise ValueError(f"`data_files` are all empty: {self.data_files}.")
+            for path in self.data_files:
+                check_utf8(path)
         if corpus not in CORPORA:
             raise ValueError(f"`corpus` must be one of {list(CORPORA)}, got {corpus!r}.")
         self.corpus = corpus
@@ -129,8 +155,19 @@ class TextDataModule(L.LightningDataModule):
         return blocks.with_format("torch")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._split()
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if stage in ("fit", None) and len(self.train_set) < self.batch_size * processes:
+            per = f" per process ({processes} processes)" if processes > 1 else ""
+            raise UsageError(
+                f"The training text ({self.data_files or self.corpus}) gives {len(self.train_set)} training blocks of "
+                f"seq_len + 1 = {self.seq_len + 1} tokens; one batch needs batch_size = {self.batch_size}{per}, so "
+                f"{self.batch_size * processes} blocks. Give more text, or a smaller `data.batch_size` or "
+                "`model.max_seq_len`."
+            )
+
+    def _split(self) -> None:
         if self.held_out_texts:
             train_files, val_files = split_shakespeare(self.val_texts)
             self.train_set = self._blocks([str(p) for p in train_files])
