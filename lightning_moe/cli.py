@@ -167,24 +167,26 @@ class _UsageErrorCLI(LightningCLI):
 
     # ----------------------------------------------------------------- where a run writes, and resuming
 
-    def _run_dirs(self, config: Namespace) -> list[Path]:
-        """The folders that hold this run's version folders: ``<save_dir>/<name>`` of each logger."""
-        trainer = config.trainer
-        root = trainer.get("default_root_dir")
-        loggers = _loggers(trainer)
-        if not loggers:
-            if trainer.get("logger") is False:
-                return []
-            return [Path(root or os.getcwd()) / "lightning_logs"]  # Lightning's default TensorBoard logger
-        dirs = []
-        for logger in loggers:
+    @staticmethod
+    def _logger_run_dirs(config: Namespace) -> list[tuple[Namespace, Path]]:
+        """Each configured logger with the folder that holds its version folders, ``<save_dir>/<name>``."""
+        pairs = []
+        for logger in _loggers(config.trainer):
             init = logger.init_args
             save_dir = init.get("save_dir") or init.get("root_dir")
-            if save_dir is None:
-                continue
-            name = init.get("name", "lightning_logs")
-            dirs.append(Path(save_dir) / name if name else Path(save_dir))
-        return dirs
+            if save_dir is not None:
+                name = init.get("name", "lightning_logs")
+                pairs.append((logger, Path(save_dir) / name if name else Path(save_dir)))
+        return pairs
+
+    def _run_dirs(self, config: Namespace) -> list[Path]:
+        """The folders that hold this run's version folders (Lightning's default logger's without one)."""
+        trainer = config.trainer
+        if not _loggers(trainer):
+            if trainer.get("logger") is False:
+                return []
+            return [Path(trainer.get("default_root_dir") or os.getcwd()) / "lightning_logs"]
+        return [run_dir for _, run_dir in self._logger_run_dirs(config)]
 
     def _place_output(self, config: Namespace) -> None:
         """A relative logger ``save_dir`` is under ``trainer.default_root_dir`` when that is given, so the
@@ -225,10 +227,9 @@ class _UsageErrorCLI(LightningCLI):
         if ckpt.parent.name != "checkpoints":
             return
         version_dir = ckpt.parent.parent
-        for logger, run_dir in zip(_loggers(config.trainer), self._run_dirs(config), strict=False):
+        for logger, run_dir in self._logger_run_dirs(config):
             if version_dir.parent == run_dir.absolute() and logger.init_args.get("version") is None:
-                version = version_dir.name
-                logger.init_args["version"] = version
+                logger.init_args["version"] = version_dir.name
 
     def _check_values(self, config: Namespace) -> None:
         lr = _get(config, "model.optimizer.init_args.lr")

@@ -108,7 +108,7 @@ def wait_for_step(folder: Path, process: subprocess.Popen, step: int, timeout: f
     deadline = time.monotonic() + timeout
     while max(losses(folder), default=0) < step:
         assert process.poll() is None, (folder / "out.txt").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the run did not reach step %d" % step
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
         time.sleep(0.05)
 
 

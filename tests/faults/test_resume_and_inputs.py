@@ -21,7 +21,8 @@ TINY = str(ROOT / "cli_configs" / "tiny.yaml")
 SMALL = ["--model.d_model", "32", "--model.n_layers", "2", "--model.max_seq_len", "32", "--data.corpus", "pydoc",
          "--data.batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.callbacks", "lightning_moe.callbacks.StepCheckpoint", "--trainer.callbacks.every_n_train_steps", "2"]
+         "--trainer.callbacks", "lightning_moe.callbacks.StepCheckpoint",
+         "--trainer.callbacks.every_n_train_steps", "2"]
 
 
 @pytest.fixture(autouse=True)
