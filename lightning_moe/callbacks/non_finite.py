@@ -106,6 +106,10 @@ class NonFiniteGuard(Callback):
         self._remove_hooks()
         self._logits = {}
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # teardown is not called after an exception
+
     def _bad_flag(self, loss: Tensor) -> Tensor:
         bad = ~torch.isfinite(loss.detach()).all()
         for logits in self._logits.values():
