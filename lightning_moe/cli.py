@@ -350,22 +350,22 @@ class _UsageErrorCLI(LightningCLI):
                 raise
             self._kill_children()
             timeout = getattr(self.trainer.strategy, "_timeout", None)
-            print(f"A collective operation did not complete within the collective timeout ({timeout}; "
-                  "set it with --trainer.strategy.init_args.timeout): another rank hung or died. "
-                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            print(f"A collective operation did not complete within the collective timeout ({timeout}; set it with "
+                  "--trainer.strategy.init_args.timeout): another rank hung, died or did not start in time. "
+                  f"{type(err).__name__}: {first_line}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     def _exit_code(self, stop: TrainingStopped) -> int:
         from lightning.fabric.plugins.environments import LightningEnvironment
 
-        if isinstance(stop, Preempted):
-            # The processes Lightning started for the other ranks exit 0 after saving: its watcher kills the
-            # main process when a child fails, and the main process reports the status to the scheduler.
-            environment = getattr(self.trainer.strategy, "cluster_environment", None)
-            if self.trainer.local_rank > 0 and type(environment) is LightningEnvironment:
-                return 0
-        else:
-            self._kill_children()
+        # The processes Lightning started for the other ranks exit 0: its watcher kills the main process when
+        # a child fails, and the main process, which stops at the same step, reports the status.
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)
+        if self.trainer.local_rank > 0 and type(environment) is LightningEnvironment:
+            return 0
+        if not isinstance(stop, Preempted):
+            self._kill_children()  # a rank waiting for this one (at a checkpoint barrier) would wait for the timeout
         return stop.exit_code
 
     def _kill_children(self) -> None:

@@ -92,7 +92,7 @@ def test_a_read_only_checkpoint_directory_stops_the_run_naming_it(tmp_path: Path
 def test_a_hung_rank_makes_the_others_fail_after_the_timeout(tmp_path: Path) -> None:
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
            "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
-           "--trainer.strategy.init_args.timeout", "0:00:10"]
+           "--trainer.strategy.init_args.timeout", "0:00:20"]
     process = start(tmp_path, *ddp, max_steps=200)
     try:
         wait_for_step(tmp_path, process, 2)
@@ -106,5 +106,5 @@ def test_a_hung_rank_makes_the_others_fail_after_the_timeout(tmp_path: Path) -> 
         stop_group(process)
     out = (tmp_path / "out.txt").read_text()
     assert rc == 1, out[-3000:]
-    assert "did not complete within the collective timeout (0:00:10" in out
-    assert waited < 60
+    assert "did not complete within the collective timeout (0:00:20" in out
+    assert waited < 90

@@ -39,9 +39,11 @@ def test_a_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(
     assert rc == 128 + signum, out[-3000:]
     step = saved_step(checkpoints(tmp_path) / "last.ckpt")
     assert 3 <= step < 8
-    assert max(losses(tmp_path)) == step
+    assert losses(tmp_path) == {s: reference[s] for s in range(1, step + 1)}  # it stopped after the saved step
     assert f"Stopped by {signal.Signals(signum).name} after step {step}" in out
     assert "Traceback" not in out
+    if signum != signal.SIGTERM:
+        return  # the same checkpoint either way: one resume shows it continues exactly
 
     rc, out = run(tmp_path, "--ckpt_path", "last")
     assert rc == 0, out[-3000:]
