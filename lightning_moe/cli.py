@@ -218,7 +218,7 @@ class _UsageErrorCLI(LightningCLI):
             config.ckpt_path = None
         else:
             config.ckpt_path = str(found)
-            _say(f"--ckpt_path last: resuming {found}")
+            _say(f"--ckpt_path last: {found}")
 
     def _continue_in_run_folder(self, config: Namespace, ckpt: Path) -> None:
         """A checkpoint in ``<run dir>/<version>/checkpoints/`` continues that version folder: its logs and
