@@ -25,6 +25,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_moe._validate import UsageError
 from lightning_moe.callbacks.checkpoint import find_last_checkpoint, incomplete_reason, newest_complete_sibling
@@ -141,6 +142,20 @@ def _is_explicit(key: str, explicit: set[str]) -> bool:
     return any(key == given or key.startswith(given + ".") for given in explicit)
 
 
+def _inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` is ``root`` or below it (as written: a saved config already placed under the root)."""
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+def _checkpoint_dirpaths(trainer: Namespace) -> list[Path]:
+    """The ``dirpath`` of each checkpoint callback in the config that sets one."""
+    callbacks = trainer.get("callbacks")
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return [Path(c.init_args.dirpath) for c in callbacks if isinstance(c, Namespace)
+            and isinstance(c.get("init_args"), Namespace) and c.init_args.get("dirpath")]
+
+
 def _loggers(trainer: Namespace) -> list[Namespace]:
     logger = trainer.get("logger")
     loggers = logger if isinstance(logger, list) else [logger]
@@ -156,6 +171,7 @@ class _UsageErrorCLI(LightningCLI):
     #: Our components check their arguments when built and raise these naming the parameter; on
     #: the command line that is a usage error, not a traceback.
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
+    _resume_state: dict[str, Any] | None = None
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, args as Lightning's
         given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
@@ -164,6 +180,10 @@ class _UsageErrorCLI(LightningCLI):
         if moved:
             parser.error("The MoE settings moved under `model.moe` (one MoEConfig): " + "; ".join(moved))
         super().parse_arguments(parser, args)
+        self._prepare_run()  # here, not in Lightning's _parse_ckpt_path hook, which Lightning < 2.5.5 lacks
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's merge of the checkpoint's hyperparameters: done by :meth:`_prepare_run` instead."""
 
     # ----------------------------------------------------------------- where a run writes, and resuming
 
@@ -197,7 +217,7 @@ class _UsageErrorCLI(LightningCLI):
         for logger in _loggers(config.trainer):
             for key in ("save_dir", "root_dir"):
                 value = logger.init_args.get(key)
-                if isinstance(value, (str, Path)) and not os.path.isabs(value):
+                if isinstance(value, (str, Path)) and not os.path.isabs(value) and not _inside(value, root):
                     logger.init_args[key] = os.path.join(root, value)
 
     def _resolve_last(self, config: Namespace) -> None:
@@ -206,12 +226,17 @@ class _UsageErrorCLI(LightningCLI):
         if config.get("ckpt_path") != "last":
             return
         run_dirs = self._run_dirs(config)
+        links = [d / "last.ckpt" for d in _checkpoint_dirpaths(config.trainer)]
         if not run_dirs and config.trainer.get("logger") is False:
-            root = Path(config.trainer.get("default_root_dir") or os.getcwd())
-            found = root / "checkpoints" / "last.ckpt"
-            found = found if found.exists() else None
-        else:
-            found = next((f for f in map(find_last_checkpoint, run_dirs) if f is not None), None)
+            links.append(Path(config.trainer.get("default_root_dir") or os.getcwd()) / "checkpoints" / "last.ckpt")
+        links += [p for d in run_dirs for p in d.glob("*/checkpoints/last.ckpt")]
+        for link in links:
+            if link.is_symlink() and not link.exists():
+                previous = newest_complete_sibling(link)
+                hint = f"; the newest complete checkpoint beside it is {previous}" if previous else ""
+                usage_exit(f"--ckpt_path last: {link} points at {os.readlink(link)}, which is missing{hint}. "
+                           "Give --ckpt_path a file.")
+        found = find_last_checkpoint(links)
         if found is None:
             where = ", ".join(str(d) for d in run_dirs) or "the run"
             _say(f"--ckpt_path last: no checkpoint of this run in {where} yet; starting from scratch.")
@@ -236,7 +261,7 @@ class _UsageErrorCLI(LightningCLI):
         if isinstance(lr, (int, float)) and not lr >= 0:
             usage_exit(f"`model.optimizer.init_args.lr` (--model.optimizer.init_args.lr) must be >= 0, got {lr!r}.")
 
-    def _parse_ckpt_path(self) -> None:
+    def _prepare_run(self) -> None:
         """Resolve ``--ckpt_path last``; refuse an incomplete checkpoint naming it; take the checkpoint's
         model settings except those the command sets (a ``--model.*`` flag or a ``model:`` key of a config
         file), which are checked against the checkpoint's shapes once the model is built."""
@@ -271,7 +296,8 @@ class _UsageErrorCLI(LightningCLI):
         if not hparams:
             return
         if "_class_path" in hparams:  # a model chosen by class path: Lightning's merge, unchanged
-            super()._parse_ckpt_path()
+            if hasattr(LightningCLI, "_parse_ckpt_path"):
+                LightningCLI._parse_ckpt_path(self)
             return
         explicit = explicit_model_keys(getattr(self, "_given_args", []))
         given = {k: v for k, v in _flat(config.get("model")).items() if _is_explicit(k, explicit)}
@@ -342,6 +368,9 @@ class _UsageErrorCLI(LightningCLI):
         except TrainingStopped as stop:
             _say(f"{type(stop).__name__}: {stop}")
             raise SystemExit(self._exit_code(stop)) from None
+        except SIGTERMException:  # before training started (Preemption is not listening yet): nothing saved
+            _say("Stopped by SIGTERM before training started; nothing to save (exit status 143: requeue).")
+            raise SystemExit(128 + signal.SIGTERM) from None
         except UsageError as err:
             self._kill_children()
             usage_exit(str(err))

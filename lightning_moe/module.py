@@ -76,16 +76,24 @@ def log_sizes_once(module: L.LightningModule, metrics: dict[str, int], headline:
             logger.log_metrics(metrics, step=0)
 
 
+#: The settings of our schedules that a resume takes from the command (restoring the scheduler would
+#: otherwise bring back the saved ones).
+_SCHEDULE_SETTINGS = ("warmup_steps", "total_steps", "min_lr_ratio")
+
+
 def configure_optimization(module: L.LightningModule, params: Any) -> Any:
     """``module.optimizer(params)`` and, if ``module.lr_scheduler``, its scheduler stepped every optimizer
     step (a :class:`~lightning_moe.optim.WarmupCosineLR` without ``total_steps`` ends at the trainer's
     last step). Remembers the configured learning rates for :func:`apply_resumed_schedule`."""
     optimizer = module.optimizer(params)
     module._configured_lrs = [group["lr"] for group in optimizer.param_groups]
+    module._configured_groups = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                                 for group in optimizer.param_groups]
     if module.lr_scheduler is None:
         return optimizer
     scheduler = module.lr_scheduler(optimizer)
     module._auto_total_steps = isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None
+    module._configured_schedule = {k: getattr(scheduler, k) for k in _SCHEDULE_SETTINGS if hasattr(scheduler, k)}
     if module._auto_total_steps:
         scheduler.total_steps = int(module.trainer.estimated_stepping_batches)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -94,11 +102,13 @@ def configure_optimization(module: L.LightningModule, params: Any) -> Any:
 def apply_resumed_schedule(module: L.LightningModule) -> None:
     """After resuming, follow this command's learning rate and ``max_steps`` rather than the checkpoint's.
 
-    Restoring a checkpoint restores the optimizer's learning rates and the scheduler's state as they
-    were saved; a resumed run that was given another ``model.optimizer.init_args.lr`` or
-    ``trainer.max_steps`` would silently keep the old ones. Here the scheduler's base rates become the
-    configured ones (the current rate scaled alike) and an automatic cosine schedule ends at the new last
-    step; one line says what changed. Nothing changes when the command matches the checkpoint, so such a
+    Restoring a checkpoint restores the optimizer's hyperparameters and the scheduler's state as they
+    were saved; a resumed run that was given another ``model.optimizer.init_args.lr`` (or weight decay,
+    betas...) or ``trainer.max_steps`` would silently keep the old ones. Here the scheduler's base rates
+    become the configured ones (the current rate scaled alike), the other optimizer settings and a
+    :class:`~lightning_moe.optim.WarmupCosineLR`'s ``warmup_steps``/``total_steps``/``min_lr_ratio`` are
+    the configured ones, and an automatic cosine schedule ends at the new last step; one line says what
+    changed. Other schedulers keep their saved state. Nothing changes when the command matches the checkpoint, so such a
     resume stays bit-exact.
     """
     trainer = module.trainer
@@ -117,9 +127,21 @@ def apply_resumed_schedule(module: L.LightningModule) -> None:
             group["initial_lr"] = lr
         group["lr"] = group["lr"] * lr / saved if saved else lr
         notes.append(f"learning rate {saved:g} -> {lr:g} (group {i})")
-    if isinstance(scheduler, WarmupCosineLR) and getattr(module, "_auto_total_steps", False):
+    for i, (group, configured_group) in enumerate(zip(optimizer.param_groups, module._configured_groups,
+                                                      strict=False)):
+        for key, value in configured_group.items():  # weight_decay, betas, eps...: restored with the state
+            if key in group and group[key] != value and not isinstance(value, Tensor):
+                notes.append(f"{key} {group[key]} -> {value} (group {i})")
+                group[key] = value
+    if isinstance(scheduler, WarmupCosineLR):
+        for key, value in getattr(module, "_configured_schedule", {}).items():
+            if key == "total_steps" and module._auto_total_steps:
+                continue
+            if getattr(scheduler, key) != value:
+                notes.append(f"{key} {getattr(scheduler, key)} -> {value}")
+                setattr(scheduler, key, value)
         total = int(trainer.estimated_stepping_batches)
-        if scheduler.total_steps != total:
+        if module._auto_total_steps and scheduler.total_steps != total:
             notes.append(f"cosine schedule ends at step {total} (was {scheduler.total_steps})")
             scheduler.total_steps = total
         if notes:

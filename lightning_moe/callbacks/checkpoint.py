@@ -103,6 +103,8 @@ def incomplete_reason(path: str | Path) -> str | None:
     """Why the checkpoint file ``path`` cannot be a complete ``torch.save`` archive, or ``None`` if it
     may be (cheap: reads the zip directory at the end of the file, not the tensors). Directories (DeepSpeed
     checkpoints) are not judged."""
+    if not _is_local_file_protocol(path) or str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
+        return None  # remote files and Lightning's keywords are Lightning's to resolve
     path = Path(path)
     if path.is_dir():
         return None
@@ -183,6 +185,7 @@ class StepCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, monitor="step", mode="max", save_top_k=keep, save_last="link",
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False, **kwargs)
         self.verify = verify
+        self._pending_removals: list[str] = []
 
     @property
     @override
@@ -226,6 +229,19 @@ class StepCheckpoint(ModelCheckpoint):
                 raise CheckpointWriteError(f"Could not point {linkpath} at {filepath}: {_reason(err)}.") from err
         trainer.strategy.barrier()
 
+    @override
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning removes the oldest file before it re-points last.ckpt; with keep=1 that file is the link's
+        # target. Removals wait until the link points at the new file (_save_last_checkpoint).
+        self._pending_removals.append(filepath)
+
+    @override
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        pending, self._pending_removals = self._pending_removals, []
+        for filepath in pending:
+            super()._remove_checkpoint(trainer, filepath)
+
     def save_now(self, trainer: L.Trainer) -> str | None:
         """Save the current step (a step checkpoint and ``last.ckpt``) unless it is saved already; return
         the ``last.ckpt`` path. Every rank must call it (DeepSpeed saves collectively)."""
@@ -241,11 +257,11 @@ class StepCheckpoint(ModelCheckpoint):
             self.save_now(trainer)  # the final step too, so last.ckpt is the end of training
 
 
-def find_last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``last.ckpt`` under ``run_dir`` (``<save_dir>/<name>``): in ``checkpoints/`` of any
-    version folder, the one written most recently (links followed); ``None`` when there is none."""
+def find_last_checkpoint(links: list[Path]) -> Path | None:
+    """Of the ``last.ckpt`` paths in ``links`` that exist, the one whose target was written last (links
+    followed); ``None`` when there is none."""
     found = []
-    for last in Path(run_dir).glob("*/checkpoints/last.ckpt"):
+    for last in links:
         with contextlib.suppress(OSError):
             found.append((last.resolve(strict=True).stat().st_mtime, str(last)))
     return Path(max(found)[1]) if found else None

@@ -135,7 +135,6 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self._skip_this_step = False
         bad = trainer.strategy.reduce_boolean_decision(bool(self._bad_flag(loss).item()), all=False)
         if not bad:
             self._logits = {}
@@ -147,21 +146,24 @@ class NonFiniteGuard(Callback):
                      if self.skipped else "")
             raise NonFiniteError(f"{message}{extra} Stopped before the optimizer step; no checkpoint of it was "
                                  f"written. {ADVICE}")
-        self.skipped += 1
-        self._skip_this_step = True
         self._logits = {}
-        rank_zero_warn(f"{message} Skipping this step ({self.skipped} of at most {self.max_skipped}).")
+        if not self._skip_this_step:  # once per optimizer step, whichever micro-batch of it went wrong
+            self.skipped += 1
+            self._skip_this_step = True
+            rank_zero_warn(f"{message} Skipping this step ({self.skipped} of at most {self.max_skipped}).")
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.action == "skip":  # what a forward changes besides the weights (running means, counters)
+        if self.action == "skip" and not self._buffers:
+            # What a forward changes besides the weights (running means, counters), at the first batch of an
+            # accumulation window: a skipped step puts it back.
             self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers() if b is not None}
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self._skip_this_step:
+        if self._skip_this_step:  # any micro-batch of the accumulation window was non-finite
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None  # torch optimizers leave parameters without a gradient untouched
@@ -169,6 +171,8 @@ class NonFiniteGuard(Callback):
             with torch.no_grad():
                 for name, saved in self._buffers.items():
                     buffers[name].copy_(saved)
+        self._skip_this_step = False
+        self._buffers = {}
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

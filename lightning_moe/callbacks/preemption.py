@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -12,7 +13,6 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_moe.callbacks.stops import Preempted
@@ -44,7 +44,8 @@ class Preemption(Callback):
     :class:`~lightning_moe.callbacks.StepCheckpoint` (``save_now``: a step checkpoint and
     ``last.ckpt``) and raises :class:`~lightning_moe.callbacks.Preempted`. Resume with
     ``--ckpt_path last``: the run continues bit for bit. A second signal of the same kind, while the
-    first is being handled, stops at once without saving (the signal's default action).
+    first is being handled, stops at once without saving (the signal's default action). Under gradient
+    accumulation the stop waits for the end of the accumulation window, so no gradient is lost.
 
     A signal that arrives during validation takes effect at the next training step. Processes that
     Lightning itself started for the other ranks (``trainer.devices > 1`` on one machine) exit 0 after
@@ -59,14 +60,16 @@ class Preemption(Callback):
         self.signals = [_signal_number(s) for s in signals]
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._announced = False
+        self._last_step = 0
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.received == signum:
-            self._restore()  # a second one: the default action, now
+        # Only record it: no logging or collectives inside a signal handler.
+        if self.received == signum:  # a second one: the signal's default action, now
+            signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        rank_zero_info(f"Received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping.")
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -85,6 +88,8 @@ class Preemption(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its own SIGTERM handler (which stops with status 0 and saves nothing).
         self.received = None
+        self._announced = False
+        self._last_step = trainer.global_step
         self._install()
 
     def _agreed_signal(self, trainer: L.Trainer) -> int:
@@ -97,6 +102,13 @@ class Preemption(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self.received and not self._announced:
+            self._announced = True
+            print(f"Received {signal.Signals(self.received).name}: saving a checkpoint after this step, then stopping.",
+                  file=sys.stderr, flush=True)
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if not stepped:
+            return  # inside a gradient-accumulation window: a checkpoint here would lose the gradients so far
         signum = self._agreed_signal(trainer)
         if not signum:
             return
@@ -108,9 +120,9 @@ class Preemption(Callback):
         raise Preempted(signum, trainer.global_step, path)
 
     @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()  # before Lightning's teardown puts back the handlers it found
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()  # teardown is not called after an exception
+        self._restore()

@@ -3,6 +3,7 @@ the non-finite guard's two actions, in-process (the real signals and kills are i
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_moe.callbacks import NonFiniteError, NonFiniteGuard
+from lightning_moe.callbacks import NonFiniteError, NonFiniteGuard, Preemption, StepCheckpoint
 from lightning_moe.cli import run_cli
 from lightning_moe.module import MoELanguageModel
 
@@ -133,28 +134,35 @@ def test_default_root_dir_holds_the_logs_and_checkpoints(tmp_path: Path) -> None
 
 
 class InfiniteInput(Callback):
-    """Makes layer 1's router see infinite hidden states in the given steps (a real overflow, no mock)."""
+    """Makes layer 1's router see infinite hidden states in the given steps, or batches (a real overflow)."""
 
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
+    def __init__(self, steps: set[int] = frozenset(), batches: set[int] = frozenset()) -> None:
+        self.steps, self.batches = steps, batches
+        self.batch_idx = -1
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        self.batch_idx = batch_idx
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def overflow(module: torch.nn.Module, args: tuple) -> tuple | None:
-            return (args[0] * float("inf"), *args[1:]) if trainer.global_step + 1 in self.steps else None
+            bad = trainer.global_step + 1 in self.steps or self.batch_idx in self.batches
+            return (args[0] * float("inf"), *args[1:]) if bad and module.training else None
         pl_module.model.blocks[1].ffn.router.register_forward_pre_hook(overflow)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def _trainer(callbacks: list[Callback], steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=callbacks)
+def _trainer(callbacks: list[Callback], steps: int, **kwargs: object) -> L.Trainer:
+    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, **kwargs}
+    return L.Trainer(max_steps=steps, callbacks=callbacks, **settings)
 
 
 def _data() -> DataLoader:
-    ids = torch.randint(0, 256, (6, 2, 17), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (12, 2, 17), generator=torch.Generator().manual_seed(0))
     return DataLoader([{"input_ids": x} for x in ids], batch_size=None)
 
 
@@ -185,3 +193,51 @@ def test_skip_drops_the_step_and_stops_after_max_skipped(one_thread: None) -> No
     with pytest.raises(NonFiniteError, match=r"1 steps were skipped before it \(max_skipped=1\)"), \
             pytest.warns(UserWarning, match="Skipping this step"):
         _trainer([NonFiniteGuard(action="skip", max_skipped=1), InfiniteInput({2, 4})], steps=5).fit(model, _data())
+
+
+def test_skip_under_gradient_accumulation_drops_the_whole_window(one_thread: None) -> None:
+    L.seed_everything(0)
+    model = MoELanguageModel(d_model=32, n_layers=2, max_seq_len=16)
+    guard, injector = NonFiniteGuard(action="skip"), InfiniteInput(batches={2})  # first micro-batch of step 2
+    with pytest.warns(UserWarning, match="Skipping this step"):
+        _trainer([guard, injector], steps=3, accumulate_grad_batches=2).fit(model, _data())
+    assert guard.skipped == 1
+    after_step_1, after_step_2 = injector.weights[1], injector.weights[2]
+    for name, _ in model.named_parameters():  # the window's clean second micro-batch did not step either
+        assert torch.equal(after_step_1[name], after_step_2[name]), name
+    # The running means the overflowing forward changed were put back; step 3 trained on.
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert not all(torch.equal(after_step_2[k], injector.weights[3][k]) for k in after_step_2)
+
+
+def test_preemption_puts_back_the_handlers_it_found(one_thread: None) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    model = MoELanguageModel(d_model=32, n_layers=1, max_seq_len=16)
+    _trainer([Preemption()], steps=2).fit(model, _data())
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_keep_one_never_leaves_last_dangling(tmp_path: Path, one_thread: None) -> None:
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            last = tmp_path / "ckpts" / "last.ckpt"
+            assert not last.is_symlink() or last.exists(), "last.ckpt points at a removed file"
+
+    model = MoELanguageModel(d_model=32, n_layers=1, max_seq_len=16)
+    checkpoint = StepCheckpoint(every_n_train_steps=1, keep=1, dirpath=str(tmp_path / "ckpts"))
+    _trainer([checkpoint, Watch()], steps=4, enable_checkpointing=True).fit(model, _data())
+    files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    assert files == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert (tmp_path / "ckpts" / "last.ckpt").resolve().name == "epoch=0-step=4.ckpt"
+
+
+def test_last_looks_in_a_checkpoint_dirpath_and_names_a_dangling_link(capsys: pytest.CaptureFixture,
+                                                                        one_thread: None) -> None:
+    ckpts = ["--trainer.callbacks.dirpath", "ckpts"]
+    fit(*ckpts, steps=2)
+    cli = fit(*ckpts, "--ckpt_path", "last", steps=3)
+    assert Path(cli.trainer.ckpt_path) == Path("ckpts/last.ckpt") and cli.trainer.global_step == 3
+    for path in Path("ckpts").glob("epoch=*"):
+        path.unlink()
+    err = usage_error(capsys, "fit", "--config", TINY, *SMALL, *ckpts, "--ckpt_path", "last")
+    assert "--ckpt_path last: ckpts/last.ckpt points at epoch=" in err and "which is missing" in err
