@@ -375,7 +375,7 @@ class _UsageErrorCLI(LightningCLI):
             self._kill_children()
             usage_exit(str(err))
         except Exception as err:
-            if not _is_timeout(err):
+            if not _is_timeout(err, self.trainer.world_size):
                 raise
             self._kill_children()
             timeout = getattr(self.trainer.strategy, "_timeout", None)
@@ -404,9 +404,11 @@ class _UsageErrorCLI(LightningCLI):
                 process.send_signal(signal.SIGKILL)
 
 
-def _is_timeout(err: BaseException) -> bool:
+def _is_timeout(err: BaseException, processes: int) -> bool:
+    """Whether ``err`` is a collective's timeout (gloo words it several ways: "Timed out waiting ... for recv",
+    "Application timeout caused pair closure", a store's "Timed out after N seconds")."""
     text = f"{type(err).__name__} {err}".lower()
-    distributed = type(err).__module__.startswith("torch") or "gloo" in text or "nccl" in text
+    distributed = processes > 1 or type(err).__module__.startswith("torch") or "gloo" in text or "nccl" in text
     return distributed and ("timed out" in text or "timeout" in text)
 
 
