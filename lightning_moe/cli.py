@@ -48,23 +48,34 @@ def _config_files(args: list[str]) -> Iterator[str]:
             yield arg.split("=", 1)[1]
 
 
-def moved_keys(args: list[str]) -> list[str]:
-    """Old flat MoE keys (``--model.num_experts``, ``model: {router: ...}`` in a config file) in
-    ``args``, each as ``where: old -> new``."""
-    found = []
-    for arg in args:
-        name = arg.split("=", 1)[0]
-        key = name.removeprefix("--model.")
-        if name.startswith("--model.") and key.split(".", 1)[0] in MOVED_TO_MOE:
-            found.append(f"{name} -> --model.moe.{key}")
+def _model_sections(args: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path, model section)`` of each ``--config`` file in ``args`` that has a ``model:`` mapping (unreadable
+    files are skipped: the parser reports them itself)."""
     for path in _config_files(args):
         try:
             config: Any = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError):
-            continue  # the parser reports unreadable files itself
+            continue
         model = config.get("model") if isinstance(config, dict) else None
         if isinstance(model, dict):
-            found += [f"{path}: model.{key} -> model.moe.{key}" for key in model if key in MOVED_TO_MOE]
+            yield path, model
+
+
+def _model_flags(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``(flag, key)`` of each ``--model.<key>`` flag in ``args``."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--model."):
+            yield name, name.removeprefix("--model.")
+
+
+def moved_keys(args: list[str]) -> list[str]:
+    """Old flat MoE keys (``--model.num_experts``, ``model: {router: ...}`` in a config file) in
+    ``args``, each as ``where: old -> new``."""
+    found = [f"{name} -> --model.moe.{key}" for name, key in _model_flags(args)
+             if key.split(".", 1)[0] in MOVED_TO_MOE]
+    for path, model in _model_sections(args):
+        found += [f"{path}: model.{key} -> model.moe.{key}" for key in model if key in MOVED_TO_MOE]
     return found
 
 
@@ -121,19 +132,9 @@ def _without_init_args(key: str) -> str:
 def explicit_model_keys(args: list[str]) -> set[str]:
     """The model settings ``args`` set: ``--model.*`` flags and the ``model:`` keys of ``--config`` files,
     dotted, without ``init_args`` (``optimizer.lr`` for ``--model.optimizer.init_args.lr``)."""
-    keys = set()
-    for arg in args:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--model."):
-            keys.add(_without_init_args(name.removeprefix("--model.")))
-    for path in _config_files(args):
-        try:
-            config: Any = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        model = config.get("model") if isinstance(config, dict) else None
-        if isinstance(model, dict):
-            keys |= {_without_init_args(key) for key in _flat(model)}
+    keys = {_without_init_args(key) for _, key in _model_flags(args)}
+    for _, model in _model_sections(args):
+        keys |= {_without_init_args(key) for key in _flat(model)}
     return keys
 
 

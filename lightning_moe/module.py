@@ -86,17 +86,22 @@ def configure_optimization(module: L.LightningModule, params: Any) -> Any:
     step (a :class:`~lightning_moe.optim.WarmupCosineLR` without ``total_steps`` ends at the trainer's
     last step). Remembers the configured learning rates for :func:`apply_resumed_schedule`."""
     optimizer = module.optimizer(params)
-    module._configured_lrs = [group["lr"] for group in optimizer.param_groups]
-    module._configured_groups = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+    module._configured_groups = [{k: v for k, v in group.items() if k not in ("params", "initial_lr")}
                                  for group in optimizer.param_groups]
+    module._configured_schedule = {}
     if module.lr_scheduler is None:
         return optimizer
     scheduler = module.lr_scheduler(optimizer)
-    module._auto_total_steps = isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None
     module._configured_schedule = {k: getattr(scheduler, k) for k in _SCHEDULE_SETTINGS if hasattr(scheduler, k)}
-    if module._auto_total_steps:
+    if _auto_total_steps(module, scheduler):
         scheduler.total_steps = int(module.trainer.estimated_stepping_batches)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _auto_total_steps(module: L.LightningModule, scheduler: Any) -> bool:
+    """Whether ``scheduler`` is a ``WarmupCosineLR`` configured without ``total_steps`` (it ends at the trainer's
+    last step)."""
+    return isinstance(scheduler, WarmupCosineLR) and module._configured_schedule.get("total_steps", 0) is None
 
 
 def apply_resumed_schedule(module: L.LightningModule) -> None:
@@ -108,40 +113,38 @@ def apply_resumed_schedule(module: L.LightningModule) -> None:
     become the configured ones (the current rate scaled alike), the other optimizer settings and a
     :class:`~lightning_moe.optim.WarmupCosineLR`'s ``warmup_steps``/``total_steps``/``min_lr_ratio`` are
     the configured ones, and an automatic cosine schedule ends at the new last step; one line says what
-    changed. Other schedulers keep their saved state. Nothing changes when the command matches the checkpoint, so such a
-    resume stays bit-exact.
+    changed. Other schedulers keep their saved state. Nothing changes when the command matches the
+    checkpoint, so such a resume stays bit-exact.
     """
     trainer = module.trainer
-    configured = getattr(module, "_configured_lrs", None)
-    if trainer.ckpt_path is None or not configured or not trainer.optimizers:
+    configured_groups = getattr(module, "_configured_groups", None)
+    if trainer.ckpt_path is None or not configured_groups or not trainer.optimizers:
         return
     optimizer = trainer.optimizers[0]
     scheduler = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
     notes = []
-    for i, (group, lr) in enumerate(zip(optimizer.param_groups, configured, strict=False)):
-        saved = group.get("initial_lr", group["lr"])
-        if math.isclose(saved, lr, rel_tol=1e-9, abs_tol=0.0):
-            continue
-        if scheduler is not None and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs[i] = lr
-            group["initial_lr"] = lr
-        group["lr"] = group["lr"] * lr / saved if saved else lr
-        notes.append(f"learning rate {saved:g} -> {lr:g} (group {i})")
-    for i, (group, configured_group) in enumerate(zip(optimizer.param_groups, module._configured_groups,
-                                                      strict=False)):
-        for key, value in configured_group.items():  # weight_decay, betas, eps...: restored with the state
-            if key in group and group[key] != value and not isinstance(value, Tensor):
+    for i, (group, configured) in enumerate(zip(optimizer.param_groups, configured_groups, strict=False)):
+        lr, saved = configured["lr"], group.get("initial_lr", group["lr"])
+        if not math.isclose(saved, lr, rel_tol=1e-9, abs_tol=0.0):
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs[i] = lr
+                group["initial_lr"] = lr
+            group["lr"] = group["lr"] * lr / saved if saved else lr
+            notes.append(f"learning rate {saved:g} -> {lr:g} (group {i})")
+        for key, value in configured.items():  # weight_decay, betas, eps...: restored with the state
+            if key != "lr" and key in group and group[key] != value and not isinstance(value, Tensor):
                 notes.append(f"{key} {group[key]} -> {value} (group {i})")
                 group[key] = value
     if isinstance(scheduler, WarmupCosineLR):
-        for key, value in getattr(module, "_configured_schedule", {}).items():
-            if key == "total_steps" and module._auto_total_steps:
+        auto = _auto_total_steps(module, scheduler)
+        for key, value in module._configured_schedule.items():
+            if key == "total_steps" and auto:
                 continue
             if getattr(scheduler, key) != value:
                 notes.append(f"{key} {getattr(scheduler, key)} -> {value}")
                 setattr(scheduler, key, value)
         total = int(trainer.estimated_stepping_batches)
-        if module._auto_total_steps and scheduler.total_steps != total:
+        if auto and scheduler.total_steps != total:
             notes.append(f"cosine schedule ends at step {total} (was {scheduler.total_steps})")
             scheduler.total_steps = total
         if notes:

@@ -136,17 +136,15 @@ class NonFiniteGuard(Callback):
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         bad = trainer.strategy.reduce_boolean_decision(bool(self._bad_flag(loss).item()), all=False)
+        message = self.describe(loss, trainer.global_step + 1) if bad else ""
+        self._logits = {}  # this step's logits are read; hold no tensor until the next forward
         if not bad:
-            self._logits = {}
             return
-        message = self.describe(loss, trainer.global_step + 1)
         if self.action == "stop" or self.skipped >= self.max_skipped:
-            self._logits = {}
             extra = (f" {self.skipped} steps were skipped before it (max_skipped={self.max_skipped})."
                      if self.skipped else "")
             raise NonFiniteError(f"{message}{extra} Stopped before the optimizer step; no checkpoint of it was "
                                  f"written. {ADVICE}")
-        self._logits = {}
         if not self._skip_this_step:  # once per optimizer step, whichever micro-batch of it went wrong
             self.skipped += 1
             self._skip_this_step = True
