@@ -15,14 +15,18 @@ import warnings
 from pathlib import Path
 from pydoc_data.topics import topics
 
-import lightning as L
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, Dataset
-from transformers import MixtralConfig, MixtralForCausalLM
+from lightning_moe.extras import require
 
-from lightning_moe.callbacks import DeadExpertDetector, RoutingMonitor
-from lightning_moe.discovery import find_moe_layers
+require("hf", "examples/callbacks_in_existing_project.py (a Hugging Face Mixtral)")
+
+import lightning as L  # noqa: E402 - after the check that names the missing extra
+import torch  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
+
+from lightning_moe.callbacks import DeadExpertDetector, RoutingMonitor  # noqa: E402
+from lightning_moe.discovery import find_moe_layers  # noqa: E402
 
 SEQ_LEN = 64
 

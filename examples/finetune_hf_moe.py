@@ -20,18 +20,22 @@ import functools
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning_moe.extras import require
 
-from lightning_moe.balancing.losses import SwitchAuxLoss
-from lightning_moe.callbacks import RoutingMonitor
-from lightning_moe.data import TextDataModule
-from lightning_moe.discovery import find_moe_layers
-from lightning_moe.hf_module import HFMoEFineTune
-from lightning_moe.layers import MoEConfig
-from lightning_moe.routing import AttentionScorer, TopKRouter
+require("hf", "examples/finetune_hf_moe.py (a Hugging Face Qwen2-MoE)")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lightning_moe.balancing.losses import SwitchAuxLoss  # noqa: E402
+from lightning_moe.callbacks import RoutingMonitor  # noqa: E402
+from lightning_moe.data import TextDataModule  # noqa: E402
+from lightning_moe.discovery import find_moe_layers  # noqa: E402
+from lightning_moe.hf_module import HFMoEFineTune  # noqa: E402
+from lightning_moe.layers import MoEConfig  # noqa: E402
+from lightning_moe.routing import AttentionScorer, TopKRouter  # noqa: E402
 
 SEQ_LEN = 64
 QWEN2_MOE = dict(

@@ -12,8 +12,11 @@ routers if asked):
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -24,10 +27,11 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_moe._validate import UsageError
+from lightning_moe._warnings import filter_known_warnings
 from lightning_moe.callbacks.checkpoint import find_last_checkpoint, incomplete_reason, newest_complete_sibling
 from lightning_moe.callbacks.stops import Preempted, TrainingStopped
 from lightning_moe.data.datamodule import TextDataModule
@@ -163,6 +167,82 @@ def _loggers(trainer: Namespace) -> list[Namespace]:
     return [x for x in loggers if isinstance(x, Namespace) and isinstance(x.get("init_args"), Namespace)]
 
 
+_UNKNOWN = re.compile(r"unrecognized arguments: (.*)", re.S)
+_NOT_ACCEPTED = re.compile(r'Parser key "(?P<key>[^"]+)":.*?(?:Callable\[\[(?P<given>[^\]]*)\].*?)?'
+                           r"Option '(?P<option>[^']+)' is not accepted\. "
+                           r"Got value: Namespace\(class_path='(?P<cls>[^']+)'", re.S)
+_BAD_VALUE = re.compile(r'Parser key "(?P<key>[^"]+)":\s*(?P<why>.*)', re.S)
+
+
+def _closest(name: str, options: list[str], prefix: str = "") -> str:
+    """`` (did you mean `X`?)`` for the option closest to ``name``, or nothing when none is close."""
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+    if not close:  # a typo in the last part of a long dotted name: compare that part among siblings
+        head, _, tail = name.rpartition(".")
+        siblings = {o.rpartition(".")[2]: o for o in options if o.rpartition(".")[0] == head}
+        close = [siblings[x] for x in difflib.get_close_matches(tail, list(siblings), n=1, cutoff=0.6)]
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+
+
+def _class_options(class_path: str, given: int) -> list[str]:
+    """The init options of ``class_path`` a user can set (without the ``given`` leading ones a callable
+    type fills in itself, e.g. ``d_model, num_experts`` of a router)."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        params = get_signature_parameters(getattr(importlib.import_module(module), name), None)
+    except Exception:  # noqa: BLE001 - the message is still right without the list
+        return []
+    return [p.name for p in params][given:]
+
+
+def friendly_parse_error(message: str, options: list[str]) -> str:
+    """The parser's ``message`` in the user's terms: the unknown option with the closest valid ones, the
+    class a nested option does not belong to with the options it accepts, a bad value under its flag."""
+    unknown = _UNKNOWN.search(message)
+    if unknown:
+        names = [a.split("=", 1)[0].removesuffix("+") for a in unknown.group(1).split() if a.startswith("-")]
+        if names:
+            return "; ".join(f"unknown option `{n}`{_closest(n, options)}" for n in names) + "."
+    nested = _NOT_ACCEPTED.search(message)
+    if nested:
+        key, option, cls = nested.group("key"), nested.group("option"), nested.group("cls")
+        given = len([x for x in (nested.group("given") or "").split(",") if x.strip()])
+        accepted = _class_options(cls, given)
+        hint = _closest(option, accepted, prefix=f"--{key}.")
+        listed = f"; it accepts {', '.join(accepted)}" if accepted else ""
+        return f"`--{key}.{option}`: {cls} has no option `{option}`{listed}{hint}."
+    bad = _BAD_VALUE.search(message)
+    if bad:
+        why = re.sub(r"Type [^:]*? expects [^:]*?: ", "", " ".join(bad.group("why").split()))
+        why = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", why)
+        return f"`--{bad.group('key')}`: {why}"
+    return message
+
+
+class _Parser(LightningArgumentParser):
+    """Lightning's parser without prefix abbreviations (``--model.moe.num_expert`` is not taken for
+    ``num_experts``), whose errors are one short message in the user's terms instead of the whole usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:  # noqa: D102 - argparse's
+        from jsonargparse._common import debug_mode_active  # noqa: PLC0415 - jsonargparse internals, one use
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        options = [o for o in parser._option_string_actions
+                   if o.startswith("--") and not o.endswith((".help", "+"))]
+        print(f"{prog}: error: {friendly_parse_error(message, options)}\n({prog} --help lists every option.)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 class _UsageErrorCLI(LightningCLI):
     """What both commands add to LightningCLI: usage errors without tracebacks, a run's output under
     ``--trainer.default_root_dir``, ``--ckpt_path last`` that finds the run's newest checkpoint, resumes
@@ -173,6 +253,10 @@ class _UsageErrorCLI(LightningCLI):
     #: the command line that is a usage error, not a traceback.
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
     _resume_state: dict[str, Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", _Parser)
+        super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, args as Lightning's
         given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
@@ -348,10 +432,14 @@ class _UsageErrorCLI(LightningCLI):
                        f"{'; '.join(wrong[:3])}. A resumed run keeps its model's shape: drop those flags, or start a "
                        "new run (upcycle_from turns a dense checkpoint into an MoE).")
         if flags:
-            _say(f"Resuming {state['path']} (step {state['step']}) with this command's {flags}; every other model "
+            verb = "Resuming" if self.config.get("subcommand") == "fit" else "Loading"
+            _say(f"{verb} {state['path']} (step {state['step']}) with this command's {flags}; every other model "
                  "setting from the checkpoint; trainer settings (max_steps, callbacks...) from this command.")
 
     def instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand not in (None, "fit"):  # validate/test/predict beside a run keep its fit config.yaml
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{subcommand}_config.yaml"}
         try:
             super().instantiate_classes()
         except self.usage_errors as err:
@@ -360,12 +448,38 @@ class _UsageErrorCLI(LightningCLI):
         strategy = self.trainer.strategy
         if getattr(strategy, "_timeout", None) == _TORCH_DEFAULT_TIMEOUT:
             strategy._timeout = DEFAULT_COLLECTIVE_TIMEOUT
+        _quiet_trainer(self.trainer)
+        if subcommand == "predict":
+            from lightning_moe.callbacks.text_writer import GeneratedTextWriter
+
+            if not any(isinstance(c, GeneratedTextWriter) for c in self.trainer.callbacks):
+                self.trainer.callbacks.append(GeneratedTextWriter())
+
+    def _run_folder(self) -> Path | None:
+        """Where this run writes its logs (and, by default, its checkpoints): the first logger's folder."""
+        trainer = self.trainer
+        return Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else None
+
+    def _checkpoint_folders(self) -> list[str]:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        folder = self._run_folder()
+        default = str(folder / "checkpoints") if folder else os.path.join(self.trainer.default_root_dir, "checkpoints")
+        return [str(c.dirpath or default) for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
 
     # ----------------------------------------------------------------- how a run ends
 
     def _run_subcommand(self, subcommand: str) -> None:
+        folder = self._run_folder()
+        if folder is not None:
+            saved = self._checkpoint_folders() if subcommand == "fit" else []
+            _say(f"Run folder: {folder}" + (f" (checkpoints in {', '.join(saved)})" if saved else "")
+                 + f"; TensorBoard: tensorboard --logdir {folder.parent}")
         try:
             super()._run_subcommand(subcommand)
+            if subcommand == "fit" and folder is not None:
+                _say(f"Run folder: {folder}. Resume with --ckpt_path last; an overview of its routing: "
+                     f"lightning-moe report {folder}")
         except TrainingStopped as stop:
             _say(f"{type(stop).__name__}: {stop}")
             raise SystemExit(self._exit_code(stop)) from None
@@ -405,6 +519,24 @@ class _UsageErrorCLI(LightningCLI):
                 process.send_signal(signal.SIGKILL)
 
 
+def _quiet_trainer(trainer: Any) -> None:
+    """No ``hp_metric = -1`` scalar in TensorBoard, and ``Epoch N`` (not ``Epoch N/-2``) in the progress bar of a
+    run bounded by steps."""
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger._default_hp_metric = False
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar) and hasattr(bar, "_get_train_description"):
+        def train_description(current_epoch: int) -> str:
+            last = (trainer.max_epochs or 0) - 1
+            return f"Epoch {current_epoch}" + (f"/{last}" if last >= 0 else "")
+
+        bar._get_train_description = train_description
+
+
 def _is_timeout(err: BaseException, processes: int) -> bool:
     """Whether ``err`` is a collective's timeout (gloo words it several ways: "Timed out waiting ... for recv",
     "Application timeout caused pair closure", a store's "Timed out after N seconds")."""
@@ -426,6 +558,7 @@ class HFCLI(_UsageErrorCLI):
 
 def _offline() -> None:
     # Never reach for a hub unless the user asks: local files and the built-in corpus need none.
+    filter_known_warnings()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -452,7 +585,12 @@ def _close_process_group() -> None:
 
 
 def main() -> None:
-    """The ``lightning-moe`` console script."""
+    """The ``lightning-moe`` console script; ``lightning-moe report RUN_DIR`` summarises a run
+    (:mod:`lightning_moe.report`)."""
+    if sys.argv[1:2] == ["report"]:
+        from lightning_moe.report import main as report
+
+        raise SystemExit(report(sys.argv[2:]))
     run_cli()
     _close_process_group()
 

@@ -14,7 +14,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_moe._validate import check_non_negative
+from lightning_moe._validate import check_non_negative, check_positive_int
+from lightning_moe._warnings import filter_known_warnings
+from lightning_moe.callbacks.bias_offset_updater import warn_bias_without_updater
+from lightning_moe.data.tokenizer import ByteTokenizer
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.models.transformer import MoETransformer, moved_to_moe_error
 from lightning_moe.optim import WarmupCosineLR
@@ -28,6 +31,8 @@ from lightning_moe.parallel import (
     setup_expert_parallel,
     slice_expert_optimizer_state,
 )
+
+filter_known_warnings()
 
 
 def is_plain(value: Any) -> bool:
@@ -200,6 +205,15 @@ class MoELanguageModel(L.LightningModule):
         upcycle_noise: relative noise added to every upcycled expert weight, >= 0 (0 keeps the
             dense model's function exactly for copies with renormalised top-k gates).
         upcycle_seed: seed of that noise.
+        generate_max_new_tokens: tokens ``predict`` generates after each prompt, >= 1.
+        generate_temperature: sampling temperature of ``predict``, >= 0; 0 is greedy (the most likely
+            token each step: the same text every run).
+        generate_top_k: ``predict`` samples among the ``generate_top_k`` most likely tokens, >= 1;
+            ``None`` samples from the whole vocabulary. (Not the router's ``top_k``.)
+
+    ``predict`` (:meth:`predict_step`) continues the data module's prompts with
+    :meth:`~lightning_moe.models.MoETransformer.generate` and returns ``{"prompt", "text"}`` per prompt;
+    :class:`~lightning_moe.callbacks.GeneratedTextWriter` prints and saves them.
     """
 
     def __init__(
@@ -218,6 +232,9 @@ class MoELanguageModel(L.LightningModule):
         upcycle_from: str | None = None,
         upcycle_noise: float = 0.0,
         upcycle_seed: int = 0,
+        generate_max_new_tokens: int = 200,
+        generate_temperature: float = 0.8,
+        generate_top_k: int | None = 50,
         **flat: Any,
     ) -> None:
         if flat:
@@ -239,6 +256,11 @@ class MoELanguageModel(L.LightningModule):
         self.upcycle_noise = check_non_negative("upcycle_noise", upcycle_noise)
         self.upcycle_seed = upcycle_seed
         self._upcycled = False
+        self.generate_max_new_tokens = check_positive_int("generate_max_new_tokens", generate_max_new_tokens)
+        self.generate_temperature = check_non_negative("generate_temperature", generate_temperature)
+        if generate_top_k is not None:
+            check_positive_int("generate_top_k", generate_top_k)
+        self.generate_top_k = generate_top_k
 
     def forward(self, ids_BS: Tensor) -> Tensor:
         return self.model(ids_BS)
@@ -273,6 +295,12 @@ class MoELanguageModel(L.LightningModule):
         if self.expert_parallel_size > 1:
             check_expert_parallel_size(self.expert_parallel_size, self.trainer.world_size)
             self._ddp_params_and_buffers_to_ignore = setup_expert_parallel(self)
+        if stage == "fit" and self.trainer.world_size == 1:
+            # Lightning's model summary counts the real FLOPs of one sequence's forward (in eval mode, so no
+            # running statistics move; the RNG is restored in on_fit_start). Only on one process: the summary
+            # runs on rank 0 alone, and a forward with collectives (expert parallelism) would wait for the others.
+            self.example_input_array = torch.zeros(1, self.model.max_seq_len, dtype=torch.long)
+            self._rng_before_summary = torch.random.get_rng_state()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # DeepSpeed reduces the expert gradients itself; DDP was told to leave them alone.
@@ -297,7 +325,12 @@ class MoELanguageModel(L.LightningModule):
             slice_expert_optimizer_state(self, state)
 
     def on_fit_start(self) -> None:
+        rng = self.__dict__.pop("_rng_before_summary", None)
+        if rng is not None:  # the summary's forward (a random router draws in eval too) leaves no trace
+            torch.random.set_rng_state(rng)
+            self.example_input_array = None
         log_sizes_once(self, self.size_metrics())
+        warn_bias_without_updater(self.trainer, self)
 
     def on_train_start(self) -> None:
         apply_resumed_schedule(self)
@@ -323,12 +356,32 @@ class MoELanguageModel(L.LightningModule):
         for name, value in aux.items():
             self.log(f"{prefix}/{name}", value, sync_dist=True)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Per-sequence mean next-token negative log-likelihood, ``(B,)``."""
-        ids_BS1 = batch["input_ids"]
-        logits_BSV = self.model(ids_BS1[:, :-1]).float()
-        nll_BS = F.cross_entropy(logits_BSV.transpose(1, 2), ids_BS1[:, 1:], reduction="none")
-        return nll_BS.mean(dim=1)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
+        """``{"prompt": str, "text": str}``: ``generate_max_new_tokens`` tokens generated after one prompt
+        (``batch["input_ids"]``, ``(1, n)``, cut to the last ``max_seq_len`` tokens as it grows), decoded with
+        the data module's tokenizer; ``text`` is the continuation alone."""
+        ids_1S = batch["input_ids"]
+        if ids_1S.ndim != 2 or ids_1S.shape[0] != 1:
+            raise ValueError(f"predict_step continues one prompt per batch, input_ids of shape (1, n); got "
+                             f"{tuple(ids_1S.shape)}. Use TextDataModule's predict_dataloader (batch size 1).")
+        out_1T = self.model.generate(ids_1S, self.generate_max_new_tokens, temperature=self.generate_temperature,
+                                     top_k=self.generate_top_k)
+        text = self._predict_tokenizer().decode(out_1T[0, ids_1S.shape[1]:].tolist())
+        return {"prompt": batch["prompt"], "text": text}
+
+    def _predict_tokenizer(self) -> Any:
+        """The data module's tokenizer, else bytes; its vocabulary must be the model's."""
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            datamodule = None
+        tokenizer = getattr(datamodule, "tokenizer", None) or ByteTokenizer()
+        vocab_size = self.model.lm_head.out_features
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"The tokenizer decoding predictions ({type(tokenizer).__name__}) has a vocabulary of "
+                             f"{tokenizer.vocab_size}, the model {vocab_size}: predict with the data module (and "
+                             "`data.tokenizer`) the model was trained with.")
+        return tokenizer
 
     def configure_optimizers(self) -> Any:
         # Routed experts in their own group(s): DeepSpeed's ZeRO needs that under expert parallelism, and

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_moe"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("_validate", "optim"),
+    ("_validate", "_warnings", "extras", "optim"),
     ("kernels",),
     ("routing",),
     ("experts",),
@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("module",),
     ("hf_module",),
+    ("report",),
     ("cli",),
     ("bench",),
     ("__init__",),  # the top-level package re-exports the public API

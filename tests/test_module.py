@@ -71,10 +71,12 @@ def test_training_lowers_validation_loss() -> None:
     assert set(trainer.callback_metrics) >= {"val/loss", "val/aux_loss", "val/z_loss"}
 
 
-def test_predict_returns_per_sequence_nll() -> None:
+def test_test_runs_on_the_test_split() -> None:
     model = tiny_model()
     dm = TextDataModule(seq_len=32, batch_size=8)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_predict_batches=2,
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=2,
                         accelerator="cpu", devices=1)
-    out = trainer.predict(model, dm)
-    assert len(out) == 2 and out[0].shape == (8,) and torch.all(out[0] > 0)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    assert metrics["test/loss"] == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.3)
+    assert dm.train_set is None and dm.val_set is None  # test reads the test plays alone
+    assert bytes(dm.test_set[0]["input_ids"].tolist()).startswith(b"AS YOU LIKE IT")

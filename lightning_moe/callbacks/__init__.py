@@ -16,10 +16,11 @@ from lightning_moe.callbacks.preemption import Preemption
 from lightning_moe.callbacks.routing_entropy_logger import RoutingEntropyLogger, RoutingMonitor
 from lightning_moe.callbacks.schedule import Schedule
 from lightning_moe.callbacks.stops import CheckpointWriteError, NonFiniteError, Preempted, TrainingStopped
+from lightning_moe.callbacks.text_writer import GeneratedTextWriter
 from lightning_moe.callbacks.zloss_scheduler import ZLossScheduler
 
 __all__ = [
     "AtomicCheckpointIO", "BiasOffsetUpdater", "CheckpointWriteError", "DeadExpertDetector", "DeadExpertError",
-    "NonFiniteError", "NonFiniteGuard", "Preempted", "Preemption", "RoutingEntropyLogger", "RoutingMonitor", "Schedule",
-    "StepCheckpoint", "TrainingStopped", "ZLossScheduler",
+    "GeneratedTextWriter", "NonFiniteError", "NonFiniteGuard", "Preempted", "Preemption", "RoutingEntropyLogger",
+    "RoutingMonitor", "Schedule", "StepCheckpoint", "TrainingStopped", "ZLossScheduler",
 ]

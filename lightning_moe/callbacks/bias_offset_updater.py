@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -142,3 +143,28 @@ class BiasOffsetUpdater(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None and self._views:
             self._pending = self._pending.to(self._views[0].expert_bias.device)
+
+
+class BiasWithoutUpdaterWarning(UserWarning):
+    """A router has an expert bias that nothing updates (no :class:`BiasOffsetUpdater` in the trainer)."""
+
+
+def warn_bias_without_updater(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Warn (once, from rank zero) when ``pl_module`` has MoE layers whose expert bias is all zeros and the
+    trainer has no :class:`BiasOffsetUpdater`: the bias would stay zero and balance nothing. Returns whether
+    it warned. Call at fit start."""
+    if any(isinstance(c, BiasOffsetUpdater) for c in trainer.callbacks):
+        return False
+    from lightning_moe.discovery import find_moe_layers
+
+    idle = [v.name for v in find_moe_layers(pl_module) if v.expert_bias is not None and not v.expert_bias.any()]
+    if not idle:
+        return False
+    rank_zero_warn(
+        f"{len(idle)} MoE layers ({idle[0]}{', ...' if len(idle) > 1 else ''}) have an expert bias "
+        "(`expert_bias=True`) but no BiasOffsetUpdater is attached, so the bias stays 0 and balances nothing. Add "
+        "`--trainer.callbacks+=lightning_moe.callbacks.BiasOffsetUpdater` (or "
+        "`--trainer.callbacks+=cli_configs/callbacks/bias_offset_updater.yaml`), or drop `expert_bias`.",
+        category=BiasWithoutUpdaterWarning,
+    )
+    return True

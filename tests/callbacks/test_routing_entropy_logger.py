@@ -22,9 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.callbacks.routing_entropy_logger import (
     ROUTING_VALUES,
+    HeatmapRender,
     RoutingCollapseWarning,
     RoutingMonitor,
+    heatmap_size_px,
     load_heatmap,
+    render_load_heatmap,
 )
 from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.metrics import load_summary
@@ -162,31 +165,106 @@ def test_histograms_hold_the_tokens_per_expert(tensorboard_run: dict) -> None:
             assert sum(value.bucket) + int(stats.num_dropped) == TOKENS * TOP_K
 
 
-def test_heatmap_is_a_block_image_per_layer_and_expert(tensorboard_run: dict) -> None:
+def test_heatmap_images_are_the_rendering_of_each_steps_shares(tensorboard_run: dict) -> None:
     images = tensorboard_run["events"].Images("routing/load_heatmap")
     assert [im.step for im in images] == [1, 2, 4]
-    cell = 32  # 256 px / max(L, E) = 64, capped at 32 px
     for im in images:
-        assert (im.height, im.width) == (LAYERS * cell, EXPERTS * cell)
+        assert (im.height, im.width) == heatmap_size_px(LAYERS, EXPERTS)
         pixels = matplotlib.image.imread(io.BytesIO(im.encoded_image_string), format="png")
-        assert pixels.shape[:2] == (LAYERS * cell, EXPERTS * cell)
-        for row in range(LAYERS):
-            for col in range(EXPERTS):
-                block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell, :3]
-                assert np.all(block == block[0, 0]), "each cell is one nearest-upscaled colour block"
+        rgb = np.rint(pixels[..., :3] * 255).astype(np.uint8)
+        assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # a chart with text, not a few blocks
+        # Exactly the chart of the shares the layers kept at that step (PNG is lossless).
+        counts = [stats.tokens_per_expert_E for stats, _ in tensorboard_run["forwards"][im.step - 1]]
+        shares = [c.float() / c.sum().float() for c in counts]
+        assert np.array_equal(rgb, load_heatmap(shares, list(range(LAYERS)), im.step, title="routing: expert load"))
     callback = tensorboard_run["callback"]
     assert callback.state_dict() == {"train_batches": 5, "val_batches": 0, "images_logged": 3, "last_image_step": 4,
                                      "collapse_warned_layers": []}
 
 
-def test_load_heatmap_colours() -> None:
-    image = load_heatmap([torch.tensor([0.25, 0.25, 0.25, 0.25]), torch.tensor([0.5, 0.5, 0.0, 0.0]),
-                          torch.tensor([1.0, 0.0])])
-    assert image.dtype == np.uint8 and image.shape == (3 * 32, 4 * 32, 3)
-    cells = image[::32, ::32]
-    assert len({tuple(c) for c in cells[0]}) == 1  # balanced: one neutral colour
-    assert cells[1, 0, 0] > cells[1, 0, 2] and cells[1, 2, 2] > cells[1, 2, 0]  # overloaded red, empty blue
-    assert cells[2, 2].tolist() == [0, 0, 0] and cells[2, 3].tolist() == [0, 0, 0]  # padding is black
+def cell_patch(render: HeatmapRender, row: int, col: int, fraction: float = 0.6) -> np.ndarray:
+    """The central ``fraction`` of cell ``(row, col)``'s pixels, ``(h, w, 3)`` int."""
+    (y, x), (h, w) = render.centres_LE2[row, col], render.cell_hw
+    dy, dx = h * fraction / 2, w * fraction / 2
+    return render.image_HW3[round(y - dy):round(y + dy), round(x - dx):round(x + dx)].astype(int)
+
+
+HEATMAP_SHARES = [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0]]
+
+
+def test_load_heatmap_colours_cells_by_relative_share() -> None:
+    render = render_load_heatmap([torch.tensor(s) for s in HEATMAP_SHARES], [0, 2, 4], step=7, annotate=False)
+    assert render.image_HW3.dtype == np.uint8 and render.image_HW3.shape == (*heatmap_size_px(3, 4), 3)
+    colour = {}
+    for row, shares in enumerate(HEATMAP_SHARES):
+        for col in range(len(shares)):
+            patch = cell_patch(render, row, col)
+            assert (patch == patch[0, 0]).all(), "a cell is one colour"
+            colour[row, col] = patch[0, 0]
+    neutral = colour[0, 0]
+    assert all((colour[0, col] == neutral).all() for col in range(4))  # balanced: the fair share everywhere
+    assert np.ptp(neutral) < 10 and neutral.min() > 180  # coolwarm's light grey
+    for red, blue in [((1, 0), (1, 2)), ((2, 0), (2, 1))]:  # twice the fair share (or more) vs nothing
+        r, g, b = colour[red]
+        assert r > b + 100 and r > g + 100
+        r, g, b = colour[blue]
+        assert b > r + 100
+    for col in (2, 3):  # padding: blank with grey hatching, no colour of the map
+        patch = cell_patch(render, 2, col)
+        assert (np.ptp(patch, axis=-1) <= 3).all()
+        assert (patch == 255).all(axis=-1).mean() > 0.5 and (patch < 235).all(axis=-1).any()
+
+
+def test_load_heatmap_prints_the_shares_and_labels() -> None:
+    shares = [torch.tensor(s) for s in HEATMAP_SHARES]
+    plain = render_load_heatmap(shares, [0, 2, 4], step=7, annotate=False)
+    text = render_load_heatmap(shares, [0, 2, 4], step=7)  # 12 cells: printed
+    changed = (text.image_HW3 != plain.image_HW3).any(axis=-1)
+    assert np.array_equal(text.centres_LE2, plain.centres_LE2)
+    for row, row_shares in enumerate(HEATMAP_SHARES):
+        for col in range(4):
+            (y, x), (h, w) = plain.centres_LE2[row, col], plain.cell_hw
+            box = changed[round(y - h / 2) + 2:round(y + h / 2) - 2, round(x - w / 2) + 2:round(x + w / 2) - 2]
+            assert box.any() == (col < len(row_shares)), (row, col)  # text in every cell but the padding
+    assert changed.sum() == sum(  # ... and nowhere else
+        changed[round(y - plain.cell_hw[0] / 2):round(y + plain.cell_hw[0] / 2),
+                round(x - plain.cell_hw[1] / 2):round(x + plain.cell_hw[1] / 2)].sum()
+        for y, x in plain.centres_LE2.reshape(-1, 2))
+    # Dark text on the light neutral cell, light text on the saturated red one.
+    neutral, red = cell_patch(text, 0, 0), cell_patch(text, 1, 0)
+    assert neutral.min() < cell_patch(plain, 0, 0).min() - 100
+    assert red.sum(axis=-1).max() > cell_patch(plain, 1, 0).sum(axis=-1).max() + 200
+    # Too many columns to read: no text (the colour bar tells the share).
+    wide = [torch.full((40,), 1 / 40)] * 2
+    assert np.array_equal(load_heatmap(wide), load_heatmap(wide, annotate=False))
+
+
+def test_load_heatmap_layer_labels_and_step_change_only_their_margin() -> None:
+    shares = [torch.tensor(s) for s in HEATMAP_SHARES]
+    base = render_load_heatmap(shares, [0, 2, 4], step=7)
+    (top, left), (h, w) = base.centres_LE2[0, 0], base.cell_hw
+    top, left = round(top - h / 2), round(left - w / 2)
+    for other in (render_load_heatmap(shares, [0, 1, 2], step=7), render_load_heatmap(shares, [0, 2, 4], step=8)):
+        changed = (other.image_HW3 != base.image_HW3).any(axis=-1)
+        rows, cols = np.nonzero(changed)
+        assert rows.size and ((cols < left) | (rows < top)).all()  # the tick labels left, the title above
+    with pytest.raises(ValueError, match=r"`layer_labels` must hold one label per layer \(3\), got 2"):
+        load_heatmap(shares, [0, 1])
+    with pytest.raises(ValueError, match="`step` must be an integer >= 0"):
+        load_heatmap(shares, step=-1)
+    with pytest.raises(ValueError, match="`shares` must be a non-empty sequence"):
+        load_heatmap([])
+    with pytest.raises(ValueError, match="`shares` must hold non-empty 1-D vectors"):
+        load_heatmap([torch.ones(2, 2)])
+
+
+def test_heatmap_size_grows_with_the_cells_within_bounds() -> None:
+    assert heatmap_size_px(1, 1) == (200, 320)  # 2.5 x 4 inches at 80 dpi
+    assert heatmap_size_px(61, 256) == (800, 1120)  # 10 x 14 inches
+    sizes = [heatmap_size_px(layers, experts) for layers, experts in [(4, 8), (4, 16), (8, 16), (16, 32)]]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    with pytest.raises(ValueError, match="`num_experts` must be an integer >= 1"):
+        heatmap_size_px(2, 0)
 
 
 def test_csv_logger_gets_the_scalars_and_validation(tmp_path: Path) -> None:
