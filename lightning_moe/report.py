@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_moe.callbacks.routing_entropy_logger import draw_load_heatmap, heatmap_colorbar
+from lightning_moe.callbacks.heatmap import draw_load_heatmap, heatmap_colorbar
 
 __all__ = ["ReportError", "RunLogs", "find_run_dir", "main", "read_run", "write_report"]
 
@@ -136,17 +136,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, prefix: str
     Args:
         run_dir: a run's version folder, or a folder of them (the newest is read: :func:`find_run_dir`).
         out: the PNG's path, ending in ``.png``; the HTML page goes beside it with the suffix
-            ``.html``. Default ``<run_dir>/report.png``.
+            ``.html``. Default: ``report.png`` in the run's version folder.
         prefix: the :class:`~lightning_moe.callbacks.RoutingMonitor`'s prefix; default: found in
             the tags (``routing`` when several monitors logged).
         heatmaps: heatmaps drawn, >= 0, spread evenly over the steps that logged one.
     """
     if isinstance(heatmaps, bool) or not isinstance(heatmaps, int) or heatmaps < 0:
         raise ReportError(f"`heatmaps` must be an integer >= 0, got {heatmaps!r}.")
-    png = Path(run_dir) / "report.png" if out is None else Path(out)
-    if png.suffix.lower() != ".png":
+    if out is not None and Path(out).suffix.lower() != ".png":
         raise ReportError(f"`out` must be a path ending in .png, got {str(out)!r}.")
-    logs = read_run(find_run_dir(run_dir))
+    run = find_run_dir(run_dir)
+    png = run / "report.png" if out is None else Path(out)
+    logs = read_run(run)
     report = _Report(logs, _find_prefix(logs, prefix), heatmaps)
     figure = report.figure()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +167,9 @@ def main(argv: list[str]) -> int:
                     "TensorBoard logs into one PNG and an HTML page with the key numbers.")
     parser.add_argument("run_dir", type=Path, help="a run's version folder (runs/tiny/version_0), or a folder of "
                                                    "them (runs/tiny: the newest is read)")
-    parser.add_argument("--out", type=Path, default=None, help="the PNG to write (default RUN_DIR/report.png); "
-                                                               "the HTML page goes beside it")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the PNG to write (default: report.png in the run's version folder); the HTML page goes "
+                             "beside it")
     parser.add_argument("--prefix", default=None, help="RoutingMonitor's tag prefix (default: found in the tags)")
     parser.add_argument("--heatmaps", type=int, default=REPORT_HEATMAPS,
                         help=f"heatmaps drawn, spread over the logged steps (default {REPORT_HEATMAPS})")

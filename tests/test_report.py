@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_moe.callbacks import DeadExpertDetector, RoutingMonitor
-from lightning_moe.callbacks.routing_entropy_logger import heatmap_size_px, load_heatmap
+from lightning_moe.callbacks.heatmap import heatmap_size_px, load_heatmap
 from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.report import REPORT_DPI, REPORT_WIDTH_IN, ReportError, find_run_dir, main, read_run, write_report
@@ -149,7 +149,8 @@ def test_a_folder_of_versions_reports_the_newest(run_dir: Path, tmp_path: Path, 
     assert find_run_dir(runs / "version_2") == runs / "version_2"
     assert main([str(runs)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"reporting the newest run in {runs}: version_10"
-    assert f"<code>{runs / 'version_10'}</code>" in (runs / "report.html").read_text()
+    assert f"<code>{runs / 'version_10'}</code>" in (runs / "version_10" / "report.html").read_text()
+    assert not (runs / "report.png").exists()  # the report lives in the run it reports
 
 
 def test_event_files_of_one_run_merge_by_step_the_later_file_winning(run_dir: Path, tmp_path: Path) -> None:

@@ -137,7 +137,6 @@ ROWS: dict[str, list[str]] = {
 DENSE = "dense"
 UPCYCLED = "upcycled"
 BASE_CONFIG = "cli_configs/tiny.yaml"
-ROUTING_LOGGER = "cli_configs/callbacks/routing_entropy_logger.yaml"
 TINY_ARGS = ["--model.max_seq_len", "32", "--data.batch_size", "2", "--data.corpus", "pydoc",
              "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0"]
 FULL = {"steps": 600, "val_every": 100, "limit_val_batches": 32}
@@ -233,13 +232,12 @@ def resolve_configs(args: Sequence[str], configs: Path) -> list[str]:
     return out
 
 
-def fit_argv(row_args: Sequence[str], name: str, seed: int, steps: int, moe: bool, settings: Settings,
+def fit_argv(row_args: Sequence[str], name: str, seed: int, steps: int, settings: Settings,
              configs: Path) -> list[str]:
-    """The CLI arguments of one run: demo config, row, tiny/data args, routing logger, then the fixed overrides
-    last (so no row config can change steps, validation or where the logs go)."""
+    """The CLI arguments of one run: demo config, row, tiny/data args, then the fixed overrides last (so no row
+    config can change steps, validation or where the logs go). The MoE configs log routing themselves
+    (``RoutingMonitor`` in their callbacks)."""
     argv = ["--config", BASE_CONFIG, *row_args, *settings.extra]
-    if moe:  # RoutingEntropyLogger refuses a model without MoE layers; after every --config (they replace lists)
-        argv.append(f"--trainer.callbacks+={ROUTING_LOGGER}")
     argv += [
         "--seed_everything", str(seed),
         "--trainer.max_steps", str(steps),
@@ -257,16 +255,16 @@ def chain_for(row: str, seed: int, settings: Settings, configs: Path) -> list[Ru
     """The runs of one row and seed, in order (two for upcycled: the dense half, then the upcycled half)."""
     if row != UPCYCLED:
         name = f"{row}_s{seed}"
-        argv = fit_argv(ROWS[row], name, seed, settings.steps, row != DENSE, settings, configs)
+        argv = fit_argv(ROWS[row], name, seed, settings.steps, settings, configs)
         return [RunSpec(name, row, seed, settings.steps, argv)]
     half = settings.steps // 2
     dense_name = f"dense_half_s{seed}"
     dense = RunSpec(dense_name, row, seed, half,
-                    fit_argv(ROWS[DENSE], dense_name, seed, half, False, settings, configs))
+                    fit_argv(ROWS[DENSE], dense_name, seed, half, settings, configs))
     checkpoint = settings.out / "runs" / dense_name / "version_0" / "checkpoints" / "last.ckpt"
     name = f"{row}_s{seed}"
     row_args = [*ROWS[row], "--model.upcycle_from", str(checkpoint)]
-    return [dense, RunSpec(name, row, seed, half, fit_argv(row_args, name, seed, half, True, settings, configs))]
+    return [dense, RunSpec(name, row, seed, half, fit_argv(row_args, name, seed, half, settings, configs))]
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

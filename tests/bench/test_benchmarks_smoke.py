@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = ["--tokens", "64", "--d-model", "32", "--experts", "4", "--top-k", "2", "--d-ff", "16", "--rounds", "1",
         "--warmup", "1", "--device", "cpu", "--threads", "1"]
@@ -74,3 +76,11 @@ def test_train_throughput_prints_both_models_and_the_ratio(tmp_path: Path) -> No
     moe_total, moe_active = (int(rows["moe (grouped)"][i].replace(",", "")) for i in (4, 5))
     assert moe_active == dense_active + 4 * 32 and moe_total > moe_active
     assert "MoE/dense tokens/s: " in output
+
+
+@pytest.mark.slow
+def test_busy_threads_times_each_thread_count_idle_and_busy(tmp_path: Path) -> None:
+    output = run_script("busy_threads.py", ["--rounds", "1", "--steps", "1", "--threads", "2", "--hogs", "1"], tmp_path)
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith(("| idle", "| busy"))]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [("idle", 1), ("idle", 2), ("busy", 1), ("busy", 2)], output
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3].strip() == rows[2][3].strip() == "1.00x"

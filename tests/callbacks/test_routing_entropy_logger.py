@@ -20,15 +20,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_moe.callbacks.routing_entropy_logger import (
-    ROUTING_VALUES,
-    HeatmapRender,
-    RoutingCollapseWarning,
-    RoutingMonitor,
-    heatmap_size_px,
-    load_heatmap,
-    render_load_heatmap,
-)
+from lightning_moe.callbacks.heatmap import HeatmapRender, heatmap_size_px, load_heatmap, render_load_heatmap
+from lightning_moe.callbacks.routing_entropy_logger import ROUTING_VALUES, RoutingCollapseWarning, RoutingMonitor
 from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.metrics import load_summary
 from lightning_moe.module import MoELanguageModel

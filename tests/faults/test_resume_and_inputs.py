@@ -112,10 +112,10 @@ def test_incomplete_checkpoints_are_named_with_the_previous_good_one(capsys: pyt
 
 def test_bad_inputs_are_usage_errors_before_training(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     small = tmp_path / "small.txt"
-    small.write_text("To be, or not to be, that is the question.\n" * 11)  # 484 bytes: 14 blocks of 33
+    small.write_text("To be, or not to be, that is the question.\n" * 11)  # 484 bytes: 14 blocks of 33, 1 val, 1 test
     err = usage_error(capsys, "fit", "--config", TINY, *SMALL, "--data.data_files", str(small),
                       "--data.batch_size", "16")
-    assert f"The training text (['{small}']) gives 13 training blocks of seq_len + 1 = 33 tokens; one batch " \
+    assert f"The training text (['{small}']) gives 12 training blocks of seq_len + 1 = 33 tokens; one batch " \
            "needs batch_size = 16" in err
 
     binary = tmp_path / "weights.bin"
