@@ -36,7 +36,7 @@ steps = int(sys.argv[1])
 torch.manual_seed(0)
 model = MoETransformer(256, max_seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=512, moe=MoEConfig(
     num_experts=8, expert_d_ff=256, granularity=4, balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)],
-    router=lambda d, e: TopKRouter(d, e, top_k=2, scorer=TokenScorer(d, e, vocab_size=256))))
+    router=lambda d, e: TopKRouter(d, e, top_k=2, scorer=lambda d, e: TokenScorer(d, e, vocab_size=256))))
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 ids = torch.randint(0, 256, (16, 129))
 times = []

@@ -252,6 +252,8 @@ class _UsageErrorCLI(LightningCLI):
     #: Our components check their arguments when built and raise these naming the parameter; on
     #: the command line that is a usage error, not a traceback.
     usage_errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)
+    #: ``predict`` prints and saves the texts the model generates (``GeneratedTextWriter``).
+    writes_generated_text = False
     _resume_state: dict[str, Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -449,7 +451,7 @@ class _UsageErrorCLI(LightningCLI):
         if getattr(strategy, "_timeout", None) == _TORCH_DEFAULT_TIMEOUT:
             strategy._timeout = DEFAULT_COLLECTIVE_TIMEOUT
         _quiet_trainer(self.trainer)
-        if subcommand == "predict":
+        if subcommand == "predict" and self.writes_generated_text:
             from lightning_moe.callbacks.text_writer import GeneratedTextWriter
 
             if not any(isinstance(c, GeneratedTextWriter) for c in self.trainer.callbacks):
@@ -546,6 +548,8 @@ def _is_timeout(err: BaseException, processes: int) -> bool:
 
 
 class MoECLI(_UsageErrorCLI):
+    writes_generated_text = True
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # One sequence length for model and data; the vocabulary comes from the tokenizer.
         parser.link_arguments("model.max_seq_len", "data.seq_len")

@@ -266,6 +266,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tiny_fits_through_the_real_entry_point(tmp_path: Path) -> None:
     exe = shutil.which("lightning-moe", path=os.path.dirname(sys.executable)) or shutil.which("lightning-moe")
     assert exe, "the lightning-moe console script is not installed"

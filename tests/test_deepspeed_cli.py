@@ -15,6 +15,8 @@ pytest.importorskip("deepspeed", reason="install the `deepspeed` extra: pip inst
 
 from lightning_moe.cli import run_cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = ROOT / "cli_configs" / "deepspeed"
 CONFIGS = sorted(DEEPSPEED.glob("*.yaml"))

@@ -83,7 +83,7 @@ def test_friendly_parse_error_leaves_other_messages_alone() -> None:
     assert friendly_parse_error("unrecognized arguments: --zzz 1", ["--model.d_model"]) == "unknown option `--zzz`."
 
 
-def test_resume_validate_and_test_stay_in_the_run_folder(capsys: pytest.CaptureFixture,
+def test_resume_validate_test_and_predict_stay_in_the_run_folder(capsys: pytest.CaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tests.test_cli import read_scalars
 
@@ -100,8 +100,13 @@ def test_resume_validate_and_test_stay_in_the_run_folder(capsys: pytest.CaptureF
     fit_config = (run_dir / "config.yaml").read_text()
     run_cli(["validate", *common, "--ckpt_path", "last"])
     run_cli(["test", *common, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
+    run_cli(["predict", *common, "--ckpt_path", "last", "--data.prompts", '["def ", "The "]',
+             "--model.generate_max_new_tokens", "4"])  # the CLI adds GeneratedTextWriter itself
+    assert (run_dir / "predictions.txt").read_text().count("--- continuation") == 2
     assert [p.name for p in (tmp_path / "runs" / "tiny").iterdir()] == ["version_0"]
-    assert "dirpath" not in capsys.readouterr().err  # no "checkpoint directory has changed" warning
+    captured = capsys.readouterr()
+    assert "dirpath" not in captured.err  # no "checkpoint directory has changed" warning
+    assert "Predictions written to" in captured.out
     scalars = read_scalars(run_dir)  # every events file of the folder: one curve for TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -111,7 +116,7 @@ def test_resume_validate_and_test_stay_in_the_run_folder(capsys: pytest.CaptureF
     assert "test/loss" in scalars and len(scalars["val/loss"]) == 3  # steps 4 and 8, then validate
     assert "hp_metric" not in scalars
     assert (run_dir / "config.yaml").read_text() == fit_config  # validate and test keep the fit's config
-    assert (run_dir / "validate_config.yaml").is_file() and (run_dir / "test_config.yaml").is_file()
+    assert all((run_dir / f"{sub}_config.yaml").is_file() for sub in ("validate", "test", "predict"))
 
 
 def _tiny_model(**kwargs: object) -> MoELanguageModel:

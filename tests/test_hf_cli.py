@@ -66,6 +66,7 @@ def minilm_dir() -> Path:
     return minilm_model_dir()
 
 
+@pytest.mark.slow
 def test_data_module_with_a_real_hugging_face_tokenizer() -> None:
     data = TextDataModule(seq_len=16, batch_size=2, tokenizer=str(minilm_dir()))
     assert data.vocab_size == 30522

@@ -56,6 +56,7 @@ def test_moe_layer_every_path_without_memory(tmp_path: Path) -> None:
     assert all(cells[5] == "-" for cells in rows.values())  # no peak MB
 
 
+@pytest.mark.slow
 def test_moe_layer_peak_memory_in_subprocesses(tmp_path: Path) -> None:
     output = run_script("moe_layer.py", [*TINY, "--only", "grouped,sort-loop"], tmp_path)
     rows = table_rows(output)

@@ -11,6 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 ROWS = ["dense", "demo", "hash", "upcycled"]
 SEEDS = [0, 1]
 COMMON = ["--tiny", "--seeds", ",".join(map(str, SEEDS)), "--jobs", "2", "--threads", "1"]

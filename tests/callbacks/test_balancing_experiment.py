@@ -21,6 +21,8 @@ from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.routing import TopKRouter
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 STEPS = 300
 CV_BOUND = 0.3
 

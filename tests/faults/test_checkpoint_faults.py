@@ -16,6 +16,8 @@ from faultrun import checkpoints, environment, finish, losses, run, start, stop_
 
 from lightning_moe.callbacks.checkpoint import TEMP_INFIX
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc/*/stat, which every Linux kernel has)."""

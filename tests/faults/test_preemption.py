@@ -12,7 +12,7 @@ import pytest
 import torch
 from faultrun import checkpoints, finish, group_alive, losses, run, start, wait_for_step
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # README: `-m 'not slow'` leaves these out
 
 
 def saved_step(path: Path) -> int:

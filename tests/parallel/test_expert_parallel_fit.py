@@ -20,6 +20,8 @@ import torch
 from lightning_moe.layers import MoEConfig
 from lightning_moe.module import MoELanguageModel
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 WORKER = Path(__file__).with_name("ep_fit_worker.py")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
+
 pytest.importorskip("deepspeed", reason="install the `deepspeed` extra: pip install -e '.[deepspeed]'")
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -71,6 +71,7 @@ def _max_token_fraction(model, batch) -> list[float]:  # noqa: ANN001
             for layer in model.model.moe_layers()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer", ["centred_linear", "token"])
 def test_layers_are_balanced_from_the_first_step_and_after_50_steps(scorer: str, one_thread) -> None:  # noqa: ANN001
     """The defining property, on the demo's sizes, recipe and optimizer with 8 experts of width 256, top-2, on real
