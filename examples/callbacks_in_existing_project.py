@@ -17,7 +17,7 @@ from pydoc_data.topics import topics
 
 from lightning_moe.extras import require
 
-require("hf", "examples/callbacks_in_existing_project.py (a Hugging Face Mixtral)")
+require("hf", "examples/callbacks_in_existing_project.py (a Hugging Face Mixtral)", modules=("transformers",))
 
 import lightning as L  # noqa: E402 - after the check that names the missing extra
 import torch  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lightning_moe.extras import require
 
-require("hf", "examples/finetune_hf_moe.py (a Hugging Face Qwen2-MoE)")
+require("hf", "examples/finetune_hf_moe.py (a Hugging Face Qwen2-MoE)", modules=("transformers",))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

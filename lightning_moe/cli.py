@@ -172,6 +172,7 @@ _NOT_ACCEPTED = re.compile(r'Parser key "(?P<key>[^"]+)":.*?(?:Callable\[\[(?P<g
                            r"Option '(?P<option>[^']+)' is not accepted\. "
                            r"Got value: Namespace\(class_path='(?P<cls>[^']+)'", re.S)
 _BAD_VALUE = re.compile(r'Parser key "(?P<key>[^"]+)":\s*(?P<why>.*)', re.S)
+_NOT_IN_FILE = re.compile(r"does not accept option '(?P<key>[^']+)'")
 
 
 def _closest(name: str, options: list[str], prefix: str = "") -> str:
@@ -202,7 +203,7 @@ def friendly_parse_error(message: str, options: list[str]) -> str:
     class a nested option does not belong to with the options it accepts, a bad value under its flag."""
     unknown = _UNKNOWN.search(message)
     if unknown:
-        names = [a.split("=", 1)[0].removesuffix("+") for a in unknown.group(1).split() if a.startswith("-")]
+        names = [a.split("=", 1)[0].removesuffix("+") for a in unknown.group(1).split() if a.startswith("--")]
         if names:
             return "; ".join(f"unknown option `{n}`{_closest(n, options)}" for n in names) + "."
     nested = _NOT_ACCEPTED.search(message)
@@ -213,11 +214,21 @@ def friendly_parse_error(message: str, options: list[str]) -> str:
         hint = _closest(option, accepted, prefix=f"--{key}.")
         listed = f"; it accepts {', '.join(accepted)}" if accepted else ""
         return f"`--{key}.{option}`: {cls} has no option `{option}`{listed}{hint}."
+    in_file = _NOT_IN_FILE.search(message)
+    if in_file:  # a key of a config file
+        name = "--" + in_file.group("key")
+        return f"unknown option `{in_file.group('key')}` (in a config file){_closest(name, options)}.".replace(
+            "(did you mean `--", "(did you mean `")
     bad = _BAD_VALUE.search(message)
     if bad:
-        why = re.sub(r"Type [^:]*? expects [^:]*?: ", "", " ".join(bad.group("why").split()))
+        outer = bad.group("key")
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        inner = keys[-1] if len(keys) > 1 else None  # a value inside a nested class's options
+        why = message.rsplit(f'Parser key "{keys[-1]}":', 1)[1] if inner else bad.group("why")
+        why = re.sub(r"\.? ?Got value: Namespace\(.*", "", " ".join(why.split()), flags=re.S)
+        why = re.sub(r"Type [^:]*? expects [^:]*?: ", "", why)
         why = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", why)
-        return f"`--{bad.group('key')}`: {why}"
+        return f"`--{outer}.{inner}`: {why}" if inner else f"`--{outer}`: {why}"
     return message
 
 
@@ -326,6 +337,9 @@ class _UsageErrorCLI(LightningCLI):
         found = find_last_checkpoint(links)
         if found is None:
             where = ", ".join(str(d) for d in run_dirs) or "the run"
+            if self.config.get("subcommand") not in (None, "fit"):  # an untrained model would pass silently
+                usage_exit(f"--ckpt_path last: no checkpoint of this run in {where}; `{self.config.subcommand}` "
+                           "needs a trained model: fit first, or give --ckpt_path a file.")
             _say(f"--ckpt_path last: no checkpoint of this run in {where} yet; starting from scratch.")
             config.ckpt_path = None
         else:
@@ -574,7 +588,10 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MoECLI:
     data module are built, nothing more.
     """
     _offline()
-    return MoECLI(MoELanguageModel, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return MoECLI(MoELanguageModel, TextDataModule, args=args, run=run, save_config_kwargs={"overwrite": True},
+                  parser_kwargs={"description": "Train, validate, test and generate with an MoE language model "
+                                                "(lightning_moe). Also: `lightning-moe report RUN_DIR` draws a run's "
+                                                "losses and routing from its TensorBoard logs."})
 
 
 def _close_process_group() -> None:

@@ -12,17 +12,22 @@ EXTRAS = {
 }
 
 
-def missing(extra: str) -> list[str]:
-    """The modules of ``extra`` that are not installed."""
+def missing(extra: str, modules: tuple[str, ...] | None = None) -> list[str]:
+    """The modules of ``extra`` (or those of them in ``modules``) that are not installed."""
     if extra not in EXTRAS:
         raise ValueError(f"`extra` must be one of {sorted(EXTRAS)}, got {extra!r}.")
-    return [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    wanted = EXTRAS[extra] if modules is None else modules
+    unknown = sorted(set(wanted) - set(EXTRAS[extra]))
+    if unknown:
+        raise ValueError(f"`modules` {unknown} are not in the `{extra}` extra {list(EXTRAS[extra])}.")
+    return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
-def require(extra: str, what: str | None = None) -> None:
-    """Exit with status 1 and one line naming the extra and its install command when ``extra`` is not
-    installed (for scripts and examples: call it before importing the modules)."""
-    absent = missing(extra)
+def require(extra: str, what: str | None = None, modules: tuple[str, ...] | None = None) -> None:
+    """Exit with status 1 and one line naming the extra and its install command when ``extra`` (or the
+    ``modules`` of it the caller uses) is not installed (for scripts and examples: call it before importing
+    them)."""
+    absent = missing(extra, modules)
     if absent:
         needs = what or sys.argv[0] or "this script"
         print(f"{needs} needs the `{extra}` extra ({', '.join(absent)} not installed): pip install -e '.[{extra}]' "

@@ -300,7 +300,8 @@ class MoELanguageModel(L.LightningModule):
             # running statistics move; the RNG is restored in on_fit_start). Only on one process: the summary
             # runs on rank 0 alone, and a forward with collectives (expert parallelism) would wait for the others.
             self.example_input_array = torch.zeros(1, self.model.max_seq_len, dtype=torch.long)
-            self._rng_before_summary = torch.random.get_rng_state()
+            self._rng_before_summary = (torch.random.get_rng_state(),
+                                        torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # DeepSpeed reduces the expert gradients itself; DDP was told to leave them alone.
@@ -327,7 +328,10 @@ class MoELanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         rng = self.__dict__.pop("_rng_before_summary", None)
         if rng is not None:  # the summary's forward (a random router draws in eval too) leaves no trace
-            torch.random.set_rng_state(rng)
+            cpu, cuda = rng
+            torch.random.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
             self.example_input_array = None
         log_sizes_once(self, self.size_metrics())
         warn_bias_without_updater(self.trainer, self)
@@ -356,8 +360,9 @@ class MoELanguageModel(L.LightningModule):
         for name, value in aux.items():
             self.log(f"{prefix}/{name}", value, sync_dist=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
-        """``{"prompt": str, "text": str}``: ``generate_max_new_tokens`` tokens generated after one prompt
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``{"prompt": str, "text": str, "index": int}`` (``index``: the prompt's place in the data):
+        ``generate_max_new_tokens`` tokens generated after one prompt
         (``batch["input_ids"]``, ``(1, n)``, cut to the last ``max_seq_len`` tokens as it grows), decoded with
         the data module's tokenizer; ``text`` is the continuation alone."""
         ids_1S = batch["input_ids"]
@@ -367,7 +372,7 @@ class MoELanguageModel(L.LightningModule):
         out_1T = self.model.generate(ids_1S, self.generate_max_new_tokens, temperature=self.generate_temperature,
                                      top_k=self.generate_top_k)
         text = self._predict_tokenizer().decode(out_1T[0, ids_1S.shape[1]:].tolist())
-        return {"prompt": batch["prompt"], "text": text}
+        return {"prompt": batch["prompt"], "text": text, "index": int(batch.get("index", batch_idx))}
 
     def _predict_tokenizer(self) -> Any:
         """The data module's tokenizer, else bytes; its vocabulary must be the model's."""

@@ -178,7 +178,7 @@ def main(argv: list[str]) -> int:
         run = find_run_dir(args.run_dir)
         if run != args.run_dir:
             print(f"reporting the newest run in {args.run_dir}: {run.name}")
-        paths = write_report(args.run_dir, args.out, args.prefix, args.heatmaps)
+        paths = write_report(run, args.out, args.prefix, args.heatmaps)
     except ReportError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     for path in paths.values():

@@ -78,9 +78,20 @@ def test_a_bad_value_is_said_under_its_flag(capsys: pytest.CaptureFixture, monke
     assert "`--model.moe.num_experts`: expected int. Got value: eight" in err
 
 
+def test_a_typo_in_a_config_file_and_a_bad_nested_value(capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  moe:\n    num_expert: 4\n")
+    err = cli_error(capsys, "--config", str(typo))
+    assert "unknown option `model.moe.num_expert` (in a config file) (did you mean `model.moe.num_experts`?)" in err
+    err = cli_error(capsys, "--model.moe.router.top_k", "x")
+    assert "`--model.moe.router.top_k`: expected int. Got value: x\n" in err and "Namespace(" not in err
+
+
 def test_friendly_parse_error_leaves_other_messages_alone() -> None:
     assert friendly_parse_error("The MoE settings moved", ["--a"]) == "The MoE settings moved"
-    assert friendly_parse_error("unrecognized arguments: --zzz 1", ["--model.d_model"]) == "unknown option `--zzz`."
+    assert friendly_parse_error("unrecognized arguments: --zzz -3", ["--model.d_model"]) == "unknown option `--zzz`."
 
 
 def test_resume_validate_test_and_predict_stay_in_the_run_folder(capsys: pytest.CaptureFixture,
@@ -112,7 +123,7 @@ def test_resume_validate_test_and_predict_stay_in_the_run_folder(capsys: pytest.
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == list(range(8))  # one continuous series
+    assert sorted(e.step for e in acc.Scalars("train/loss")) == list(range(8))  # one series, no gap, no repeat
     assert "test/loss" in scalars and len(scalars["val/loss"]) == 3  # steps 4 and 8, then validate
     assert "hp_metric" not in scalars
     assert (run_dir / "config.yaml").read_text() == fit_config  # validate and test keep the fit's config
@@ -124,9 +135,10 @@ def _tiny_model(**kwargs: object) -> MoELanguageModel:
                             moe=MoEConfig(num_experts=4, expert_d_ff=32, **kwargs))
 
 
-def _fit(model: MoELanguageModel, tmp_path: Path, callbacks: list, steps: int = 2) -> L.Trainer:
+def _fit(model: MoELanguageModel, tmp_path: Path, callbacks: list, steps: int = 2, summary: bool = True) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=callbacks, default_root_dir=tmp_path)
+                        enable_progress_bar=False, callbacks=callbacks, default_root_dir=tmp_path,
+                        enable_model_summary=summary)
     trainer.fit(model, TextDataModule(corpus="pydoc", seq_len=32, batch_size=4))
     return trainer
 
@@ -152,7 +164,7 @@ def test_model_summary_counts_real_flops_and_leaves_the_rng_alone(tmp_path: Path
         L.seed_everything(0)
         model = _tiny_model(router=functools.partial(RandomRouter, top_k=2))
         rng = RngAtTrainStart()
-        _fit(model, tmp_path, [rng] + ([FlopsSummary()] if summary else []), steps=1)
+        _fit(model, tmp_path, [rng] + ([FlopsSummary()] if summary else []), steps=1, summary=summary)
         assert model.example_input_array is None  # dropped once the summary has it
         return rng.state
 
@@ -208,3 +220,30 @@ def test_the_known_leafspec_deprecation_is_filtered_and_nothing_else() -> None:
     messages = [str(w.message) for w in caught]
     assert not any("LeafSpec" in m for m in messages)
     assert "another FutureWarning" in messages
+
+
+@pytest.mark.parametrize("validate_last, accumulate", [(True, 1), (False, 1), (False, 2)])
+def test_a_resumed_run_logs_every_step_once(validate_last: bool, accumulate: int, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_moe.callbacks import StepCheckpoint
+
+    def fit(steps: int, ckpt_path: str | None) -> None:
+        L.seed_everything(0)
+        trainer = L.Trainer(
+            max_steps=steps, log_every_n_steps=1, accumulate_grad_batches=accumulate,
+            limit_val_batches=1 if validate_last else 0, val_check_interval=3 * accumulate,
+            check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[StepCheckpoint(every_n_train_steps=100)],
+            logger=TensorBoardLogger(tmp_path, name="run", version=0, default_hp_metric=False))
+        trainer.fit(_tiny_model(), TextDataModule(corpus="pydoc", seq_len=32, batch_size=4), ckpt_path=ckpt_path)
+
+    fit(3, None)  # the last checkpoint is the one saved when training ends (after a validation, or not)
+    fit(6, str(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"))
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    # One point per optimizer step, none skipped, none twice (sorted: both runs are in this process, so their
+    # events files may sort either way by name).
+    assert sorted(steps) == list(range(6))

@@ -27,7 +27,7 @@ EXTRA_MODULES = {"hf": ("transformers", "peft", "lightning_moe.hf_module", "ligh
 def _extras_used(source: str) -> set[str]:
     return {extra for extra, modules in EXTRA_MODULES.items()
             for line in source.splitlines() for module in modules
-            if line.startswith((f"import {module}", f"from {module}"))}
+            if line.lstrip().startswith((f"import {module}", f"from {module}"))}
 
 
 @pytest.mark.parametrize("path", [p for p in EXAMPLES if _extras_used(p.read_text())], ids=lambda p: p.name)

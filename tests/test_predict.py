@@ -42,7 +42,8 @@ def test_writer_saves_a_continuation_per_prompt_in_order(tmp_path: Path, capsys:
                   GeneratedTextWriter(path=str(path)))
     assert [row["prompt"] for row in out] == PROMPTS and all(row["text"] for row in out)
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    assert rows == out
+    assert rows == [{"prompt": row["prompt"], "text": row["text"]} for row in out]
+    assert [row["index"] for row in out] == list(range(len(PROMPTS)))
     text = path.read_text()
     starts = [text.index(f"--- prompt {i} ---\n{p}\n--- continuation {i} ---\n{row['text']}\n")
               for i, (p, row) in enumerate(zip(PROMPTS, out, strict=True), start=1)]
@@ -133,3 +134,16 @@ def test_predict_through_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     rows = [json.loads(line) for line in (tmp_path / "root" / "predictions.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in rows] == ["def "] and rows[0]["text"]
     assert (tmp_path / "root" / "predictions.txt").read_text().startswith("--- prompt 1 ---\ndef \n")
+
+
+def test_prompts_are_padded_so_every_rank_runs_as_many_and_copies_are_written_once(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = TextDataModule(corpus="pydoc", prompts=["a", "b", "c"])
+    dm.trainer = SimpleNamespace(world_size=2)  # Lightning gives predict's ranks unrepeated shares: 2 and 1 here
+    batches = list(dm.predict_dataloader())
+    assert [(b["prompt"], b["index"]) for b in batches] == [("a", 0), ("b", 1), ("c", 2), ("a", 0)]
+    writer = GeneratedTextWriter(path=str(tmp_path / "p.txt"), stdout=False)
+    writer._rows = [(0, b["index"], b["prompt"], b["prompt"].upper()) for b in batches]
+    assert [row[1:] for row in writer._gather(SimpleNamespace(world_size=1))] == [
+        (0, "a", "A"), (1, "b", "B"), (2, "c", "C")]

@@ -253,21 +253,27 @@ class StepCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
-            return
-        # The final step too, so last.ckpt is the end of training. Lightning has counted the last batch for its
-        # loggers by now, which a checkpoint saved at the batch's end has not: saved as it is, a resumed run's
-        # TensorBoard curve would skip a step. Save it as the batch end would have.
-        loop = trainer.fit_loop.epoch_loop
-        counted = getattr(loop, "_batches_that_stepped", None)
-        if counted:
-            loop._batches_that_stepped = counted - 1
-        try:
-            self.save_now(trainer)
-        finally:
-            if counted:
-                loop._batches_that_stepped = counted
+        if not trainer.sanity_checking and not trainer.fast_dev_run:
+            self.save_now(trainer)  # the final step too, so last.ckpt is the end of training
 
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._align_log_step = trainer.ckpt_path is not None
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # A resumed run's loggers count on from the step the checkpoint was saved at. Lightning restores that
+        # count from its loop state with a +1 that is right for some save points and not others (a checkpoint
+        # saved at train end after a validation of the last step resumes one step ahead: a gap in the
+        # TensorBoard curve). With one optimizer the count is the optimizer steps taken, so set it to that.
+        if not getattr(self, "_align_log_step", False):
+            return
+        self._align_log_step = False
+        loop = trainer.fit_loop.epoch_loop
+        if pl_module.automatic_optimization and len(trainer.optimizers) == 1:
+            loop._batches_that_stepped = trainer.global_step
 
 def find_last_checkpoint(links: list[Path]) -> Path | None:
     """Of the ``last.ckpt`` paths in ``links`` that exist, the one whose target was written last (links

@@ -29,7 +29,6 @@ from lightning_moe.metrics import DroppedFraction, ExpertLoad, RoutingEntropy, l
 ROUTING_VALUES = ("token_entropy", "load_entropy", "max_share", "min_share", "load_cv", "dropped_fraction")
 
 
-
 class RoutingCollapseWarning(UserWarning):
     """Warned on rank 0 by :class:`RoutingMonitor`, once per layer, when a layer's routing collapses."""
 

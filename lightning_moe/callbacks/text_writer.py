@@ -32,7 +32,8 @@ def _write_atomically(path: Path, content: str) -> None:
 class GeneratedTextWriter(BasePredictionWriter):
     """Print each prompt and its generated continuation, and write them all to ``path`` at the end.
 
-    For models whose ``predict_step`` returns ``{"prompt": str, "text": str}`` per batch, as
+    For models whose ``predict_step`` returns ``{"prompt": str, "text": str}`` per batch (and optionally the
+    prompt's ``"index"`` in the data, else the sampler's), as
     :meth:`MoELanguageModel.predict_step <lightning_moe.module.MoELanguageModel.predict_step>` does. The
     text file holds, per prompt in the order of the data, ``--- prompt i ---``, the prompt,
     ``--- continuation i ---`` and the generated text; ``<path stem>.jsonl`` beside it holds one
@@ -77,7 +78,7 @@ class GeneratedTextWriter(BasePredictionWriter):
                 and isinstance(prediction.get("text"), str)):
             raise TypeError(f"GeneratedTextWriter writes predictions of the form {{'prompt': str, 'text': str}} (one "
                             f"prompt per batch); predict_step returned {type(prediction).__name__}.")
-        index = batch_indices[0] if batch_indices else batch_idx
+        index = prediction.get("index", batch_indices[0] if batch_indices else batch_idx)
         self._rows.append((dataloader_idx, index, prediction["prompt"], prediction["text"]))
         if self.stdout and trainer.world_size == 1:
             print(_format(index + 1, prediction["prompt"], prediction["text"]), flush=True)
@@ -98,8 +99,8 @@ class GeneratedTextWriter(BasePredictionWriter):
         print(f"Predictions written to {self._out}", flush=True)
 
     def _gather(self, trainer: L.Trainer) -> list[tuple[int, int, str, str]]:
-        """Every rank's rows, in the order of the data, each once (a distributed sampler repeats some
-        prompts to give every rank as many)."""
+        """Every rank's rows, in the order of the data, each once (the data module pads the prompts with copies
+        so that every rank runs as many; a copy keeps its prompt's index)."""
         rows = self._rows
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size

@@ -54,7 +54,7 @@ def _one_prompt(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Collate a batch of one prompt: ``{"prompt": str, "input_ids": (1, n)}`` (prompts differ in length and
     are never padded)."""
     (item,) = items
-    return {"prompt": item["prompt"], "input_ids": item["input_ids"][None]}
+    return {"prompt": item["prompt"], "input_ids": item["input_ids"][None], "index": item["index"]}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -90,7 +90,7 @@ class TextDataModule(L.LightningDataModule):
     tail split builds all three at once. Each batch is ``{"input_ids": (B, seq_len + 1)}``; the model
     predicts tokens 1..S from tokens 0..S-1.
 
-    ``predict`` yields one prompt per batch, ``{"prompt": str, "input_ids": (1, n)}`` (the tokenizer's
+    ``predict`` yields one prompt per batch, ``{"prompt": str, "input_ids": (1, n), "index": int}`` (the tokenizer's
     encoding, unpadded; the model cuts it to its context): ``prompts``, or the lines of ``prompts_file``,
     or by default the starts (the first 64 tokens, decoded) of the first 4 blocks of the test split.
 
@@ -318,7 +318,12 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         prompts = self.default_prompts() if self.prompts is None else self.prompts
-        items = [{"prompt": prompt, "input_ids": torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)}
-                 for prompt in prompts]
+        items = [{"prompt": prompt, "input_ids": torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long),
+                  "index": i} for i, prompt in enumerate(prompts)]
+        # Lightning splits predict data over the ranks without repeating any; every rank must run as many forwards
+        # (expert parallelism exchanges tokens in each), so the list is padded with copies, which keep their index
+        # and are written once.
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        items += [items[i % len(items)] for i in range(-len(items) % processes)]
         # No workers: there is nothing to load, and generation dominates.
         return DataLoader(items, batch_size=1, collate_fn=_one_prompt)
