@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_moe.extras import EXTRAS
+
 pytestmark = pytest.mark.slow  # README: `-m 'not slow'` leaves these out
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
@@ -20,8 +22,8 @@ def test_example_runs(path: Path, tmp_path: Path) -> None:
     assert result.stdout.strip()
 
 
-EXTRA_MODULES = {"hf": ("transformers", "peft", "lightning_moe.hf_module", "lightning_moe.integrations"),
-                 "deepspeed": ("deepspeed",)}
+OURS_IMPORTING = {"hf": ("lightning_moe.hf_module", "lightning_moe.integrations")}  # our modules that need an extra
+EXTRA_MODULES = {extra: (*modules, *OURS_IMPORTING.get(extra, ())) for extra, modules in EXTRAS.items()}
 
 
 def _extras_used(source: str) -> set[str]:

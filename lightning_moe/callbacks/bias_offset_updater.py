@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_moe.balancing.losses import bias_update
 from lightning_moe.callbacks._utils import discover, reduce_sum
 from lightning_moe.callbacks.schedule import Schedule, as_schedule
-from lightning_moe.discovery import MoELayerView
+from lightning_moe.discovery import MoELayerView, find_moe_layers
 
 
 class BiasOffsetUpdater(Callback):
@@ -155,8 +155,6 @@ def warn_bias_without_updater(trainer: L.Trainer, pl_module: L.LightningModule) 
     it warned. Call at fit start."""
     if any(isinstance(c, BiasOffsetUpdater) for c in trainer.callbacks):
         return False
-    from lightning_moe.discovery import find_moe_layers
-
     idle = [v.name for v in find_moe_layers(pl_module) if v.expert_bias is not None and not v.expert_bias.any()]
     if not idle:
         return False

@@ -17,8 +17,9 @@ import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -45,6 +46,25 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` by ``write(file)`` into ``.<name>.tmp-<pid>`` beside it, ``fsync``, rename it over
+    ``path``, ``fsync`` the folder: a reader, or a kill at any moment, never sees half a file. Parent
+    folders are created; on an error the temporary file is removed and the error raised."""
+    temp = path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
@@ -63,19 +83,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        temp = path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
+            atomic_write(path, lambda file: torch.save(checkpoint, file))
         except OSError as err:
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
             raise CheckpointWriteError(f"Could not write the checkpoint {path}: {_reason(err)}.") from err
-        _fsync_dir(path.parent)
         return None
 
     @override
@@ -186,6 +197,7 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False, **kwargs)
         self.verify = verify
         self._pending_removals: list[str] = []
+        self._align_log_step = False  # set at train start when resuming: see on_train_batch_start
 
     @property
     @override
@@ -268,7 +280,7 @@ class StepCheckpoint(ModelCheckpoint):
         # count from its loop state with a +1 that is right for some save points and not others (a checkpoint
         # saved at train end after a validation of the last step resumes one step ahead: a gap in the
         # TensorBoard curve). With one optimizer the count is the optimizer steps taken, so set it to that.
-        if not getattr(self, "_align_log_step", False):
+        if not self._align_log_step:
             return
         self._align_log_step = False
         loop = trainer.fit_loop.epoch_loop

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,20 +12,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from lightning_moe.callbacks.checkpoint import atomic_write
+
 
 def _format(number: int, prompt: str, text: str) -> str:
     return f"--- prompt {number} ---\n{prompt}\n--- continuation {number} ---\n{text}\n"
-
-
-def _write_atomically(path: Path, content: str) -> None:
-    """Write ``content`` beside ``path`` and rename it over ``path``: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temp.write_text(content, encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 class GeneratedTextWriter(BasePredictionWriter):
@@ -92,9 +82,10 @@ class GeneratedTextWriter(BasePredictionWriter):
             for _, index, prompt, text in rows:
                 print(_format(index + 1, prompt, text), flush=True)
         assert self._out is not None, "setup('predict') resolves the path"
-        _write_atomically(self._out, "\n".join(_format(index + 1, prompt, text) for _, index, prompt, text in rows))
-        _write_atomically(self._out.with_suffix(".jsonl"), "".join(
-            json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False) + "\n" for _, _, prompt, text in rows))
+        document = "\n".join(_format(index + 1, prompt, text) for _, index, prompt, text in rows)
+        lines = "".join(json.dumps({"prompt": p, "text": t}, ensure_ascii=False) + "\n" for _, _, p, t in rows)
+        atomic_write(self._out, lambda file: file.write(document.encode("utf-8")))
+        atomic_write(self._out.with_suffix(".jsonl"), lambda file: file.write(lines.encode("utf-8")))
         self.written = self._out
         print(f"Predictions written to {self._out}", flush=True)
 
