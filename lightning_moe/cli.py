@@ -215,10 +215,9 @@ def friendly_parse_error(message: str, options: list[str]) -> str:
         listed = f"; it accepts {', '.join(accepted)}" if accepted else ""
         return f"`--{key}.{option}`: {cls} has no option `{option}`{listed}{hint}."
     in_file = _NOT_IN_FILE.search(message)
-    if in_file:  # a key of a config file
-        name = "--" + in_file.group("key")
-        return f"unknown option `{in_file.group('key')}` (in a config file){_closest(name, options)}.".replace(
-            "(did you mean `--", "(did you mean `")
+    if in_file:  # a key of a config file, compared with the options' keys
+        key = in_file.group("key")
+        return f"unknown option `{key}` (in a config file){_closest(key, [o[2:] for o in options])}."
     bad = _BAD_VALUE.search(message)
     if bad:
         outer = bad.group("key")
