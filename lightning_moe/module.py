@@ -19,6 +19,8 @@ from lightning_moe._warnings import filter_known_warnings
 from lightning_moe.callbacks.bias_offset_updater import warn_bias_without_updater
 from lightning_moe.data.tokenizer import ByteTokenizer
 from lightning_moe.layers.config import MoEConfig
+from lightning_moe.models.attention import AttentionKind, MLAConfig
+from lightning_moe.models.mtp import mtp_cross_entropies
 from lightning_moe.models.transformer import MoETransformer, moved_to_moe_error
 from lightning_moe.optim import WarmupCosineLR
 from lightning_moe.parallel import (
@@ -57,15 +59,17 @@ def keep_plain_hparams(module: L.LightningModule) -> None:
     dict its owner turns back into a ``MoEConfig``.
     """
     for name, value in list(module.hparams.items()):
-        if isinstance(value, MoEConfig):
+        if isinstance(value, (MoEConfig, MLAConfig)):
             module.hparams[name] = value.plain()
     module.remove_ignored_hparams([name for name, value in module.hparams.items() if not is_plain(value)])
 
 
-def log_training_losses(module: L.LightningModule, lm_loss: Tensor, aux: dict[str, Tensor]) -> Tensor:
-    """Log ``train/loss`` (``lm_loss`` plus every aux loss: the optimised total), ``train/lm_loss``
-    and ``train/<name>`` of each aux loss; return the total."""
-    loss = lm_loss + sum(aux.values())
+def log_training_losses(module: L.LightningModule, lm_loss: Tensor, aux: dict[str, Tensor],
+                        extra: Tensor | None = None) -> Tensor:
+    """Log ``train/loss`` (``lm_loss`` plus every aux loss plus ``extra``, a weighted loss the caller
+    logs itself: the optimised total), ``train/lm_loss`` and ``train/<name>`` of each aux loss; return
+    the total."""
+    loss = lm_loss + sum(aux.values()) + (0.0 if extra is None else extra)
     module.log("train/loss", loss, prog_bar=True)
     module.log("train/lm_loss", lm_loss)
     for name, value in aux.items():
@@ -180,8 +184,15 @@ class MoELanguageModel(L.LightningModule):
     Args:
         vocab_size: vocabulary size (linked to the data module's by the CLI).
         max_seq_len: longest sequence (linked to the data module's ``seq_len`` by the CLI).
-        d_model, n_layers, n_heads, d_ff, moe_every, first_dense_layers: see
-            :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the dense baseline.
+        d_model, n_layers, n_heads, d_ff, moe_every, first_dense_layers, attention, mla, rope_base,
+            tie_embeddings: see :class:`~lightning_moe.models.MoETransformer`; ``moe_every=0`` is the
+            dense baseline, ``attention: mla`` DeepSeek-V2/V3's multi-head latent attention sized by
+            ``mla`` (:class:`~lightning_moe.models.MLAConfig`).
+        mtp_depth: DeepSeek-V3's multi-token prediction modules K, >= 0 (0: none). The loss adds
+            ``mtp_weight * mean_k CE_k``; logs ``train/mtp_loss`` (the unweighted mean) and
+            ``train/mtp_loss_<k>`` per depth, and ``val/``/``test/`` alike (``val/loss`` stays the main
+            model's cross-entropy). Schedule λ with ``ZLossScheduler(balancer="mtp_loss")``.
+        mtp_weight: λ, >= 0.
         moe: the MoE layers: experts, router, balancers (``None``: ``[SwitchAuxLoss(0.01),
             ZLoss(0.001)]``), capacity, dispatcher, fine-grained and shared experts, expert
             parallelism (:class:`~lightning_moe.layers.MoEConfig`). With
@@ -227,6 +238,12 @@ class MoELanguageModel(L.LightningModule):
         moe: MoEConfig = MoEConfig(),  # noqa: B008 - copied below; a default instance lists its fields in --help
         moe_every: int = 1,
         first_dense_layers: int = 0,
+        attention: AttentionKind = "mha",
+        mla: MLAConfig = MLAConfig(),  # noqa: B008 - read only with attention="mla"; a default lists its fields
+        rope_base: float = 10000.0,
+        tie_embeddings: bool = True,
+        mtp_depth: int = 0,
+        mtp_weight: float = 0.3,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         upcycle_from: str | None = None,
@@ -242,13 +259,17 @@ class MoELanguageModel(L.LightningModule):
         super().__init__()
         if isinstance(moe, dict):  # the plain part saved in a checkpoint's hyperparameters
             moe = MoEConfig(**moe)
+        if isinstance(mla, dict):
+            mla = MLAConfig(**mla)
         moe = MoEConfig() if moe is None else replace(moe)  # a copy: balancers=None resolves per model, and
         # the shared default instance is never changed
         self.save_hyperparameters(ignore=["flat"])
         keep_plain_hparams(self)
         self.model = MoETransformer(vocab_size, max_seq_len=max_seq_len, d_model=d_model, n_layers=n_layers,
                                     n_heads=n_heads, d_ff=d_ff, moe=moe, moe_every=moe_every,
-                                    first_dense_layers=first_dense_layers)
+                                    first_dense_layers=first_dense_layers, attention=attention, mla=mla,
+                                    rope_base=rope_base, tie_embeddings=tie_embeddings, mtp_depth=mtp_depth,
+                                    mtp_weight=mtp_weight)
         self.expert_parallel_size = moe.expert_parallel_size
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -268,8 +289,12 @@ class MoELanguageModel(L.LightningModule):
     def size_metrics(self) -> dict[str, int]:
         """Total, active and routed-expert parameters and forward FLOPs per token."""
         counts = self.model.parameter_counts()
-        return {"model/params_total": counts["total"], "model/params_active": counts["active"],
-                "model/params_expert": counts["expert"], "model/flops_per_token": self.model.flops_per_token()}
+        metrics = {"model/params_total": counts["total"], "model/params_active": counts["active"],
+                   "model/params_expert": counts["expert"], "model/flops_per_token": self.model.flops_per_token(),
+                   "model/kv_cache_per_token": self.model.kv_cache_per_token()}
+        if counts["mtp"]:
+            metrics["model/params_mtp"] = counts["mtp"]
+        return metrics
 
     def upcycle(self, dense_checkpoint: str) -> None:
         """Load a dense ``MoELanguageModel`` checkpoint's weights and upcycle its FFNs into this
@@ -339,14 +364,30 @@ class MoELanguageModel(L.LightningModule):
     def on_train_start(self) -> None:
         apply_resumed_schedule(self)
 
-    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+        """The main cross-entropy, the aux losses and each MTP depth's cross-entropy (``[]`` without MTP)."""
         ids_BS1 = batch["input_ids"]
-        logits_BSV = self.model(ids_BS1[:, :-1])
+        if self.model.mtp_depth:
+            logits_BSV, mtp_logits = self.model.forward_with_mtp(ids_BS1)
+        else:
+            logits_BSV, mtp_logits = self.model(ids_BS1[:, :-1]), []
         lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), ids_BS1[:, 1:].flatten())
-        return lm_loss, self.model.aux_losses()
+        return lm_loss, self.model.aux_losses(), mtp_cross_entropies(mtp_logits, ids_BS1)
+
+    def _mtp_term(self, mtp_losses: list[Tensor], prefix: str) -> Tensor | None:
+        """Log ``<prefix>/mtp_loss`` (mean over depths) and ``<prefix>/mtp_loss_<k>``; return λ times the mean."""
+        if not mtp_losses:
+            return None
+        mean = torch.stack(mtp_losses).mean()
+        sync = prefix != "train"
+        self.log(f"{prefix}/mtp_loss", mean, sync_dist=sync)
+        for k, value in enumerate(mtp_losses, start=1):
+            self.log(f"{prefix}/mtp_loss_{k}", value, sync_dist=sync)
+        return self.model.mtp_weight.coeff * mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return log_training_losses(self, *self._losses(batch))
+        lm_loss, aux, mtp_losses = self._losses(batch)
+        return log_training_losses(self, lm_loss, aux, self._mtp_term(mtp_losses, "train"))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -355,10 +396,11 @@ class MoELanguageModel(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        lm_loss, aux = self._losses(batch)
+        lm_loss, aux, mtp_losses = self._losses(batch)
         self.log(f"{prefix}/loss", lm_loss, prog_bar=True, sync_dist=True)
         for name, value in aux.items():
             self.log(f"{prefix}/{name}", value, sync_dist=True)
+        self._mtp_term(mtp_losses, prefix)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """``{"prompt": str, "text": str, "index": int}`` (``index``: the prompt's place in the data):

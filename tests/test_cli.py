@@ -290,6 +290,32 @@ def test_tiny_fits_through_the_real_entry_point(tmp_path: Path) -> None:
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
 
 
+def test_deepseek_v3_config_trains_with_mla_and_mtp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The DeepSeek-V3 recipe, with its own callbacks (the bias updater among them) and TensorBoard:
+    MLA, one MTP module, its loss logged and in the total."""
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"),
+                   "--config", str(CONFIGS / "architectures" / "deepseek_v3.yaml"),
+                   "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+                   "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false", "--model.max_seq_len", "32",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    model = cli.model.model
+    assert model.attention == "mla" and model.mtp_depth == 1 and not model.tie_embeddings
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["SwiGLU", "MoELayer", "MoELayer", "MoELayer"]
+    assert type(model.mtp[0].block.ffn).__name__ == "MoELayer"
+    bias = model.moe_layers()[0].router.expert_bias_E
+    assert bias is not None and bool(bias.any()), "BiasOffsetUpdater moved the selection bias"
+    scalars = read_scalars(tmp_path / "runs" / "deepseek_v3" / "version_0")
+    for tag in ("train/mtp_loss", "train/mtp_loss_1", "val/mtp_loss", "train/seq_aux_loss", "val/loss",
+                "model/kv_cache_per_token", "model/params_mtp"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert scalars["model/kv_cache_per_token"] == [4 * (32 + 16)]
+    series = (scalars[t] for t in ("train/loss", "train/lm_loss", "train/seq_aux_loss", "train/mtp_loss"))
+    for total, lm, aux, mtp in zip(*series, strict=True):
+        assert total == pytest.approx(lm + aux + 0.3 * mtp, rel=1e-5)
+
+
 def test_upcycle_from_a_dense_checkpoint_through_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",

@@ -20,8 +20,11 @@ class ZLossScheduler(Callback):
     The coefficient at optimizer step ``s`` is ``schedule(s)`` (``trainer.global_step``), in every
     MoE layer whose balancers include one named ``balancer`` (``z_loss`` by default; ``aux_loss``,
     ``seq_aux_loss``, ``device_aux_loss`` and ``comm_balance_loss`` schedule the other losses the
-    same way). The schedule is a pure function of the step, so a resumed run continues exactly;
-    the coefficient last set is also kept in the checkpoint and restored before validation runs.
+    same way), and of every loss weight of that name a module of the model offers through
+    ``scheduled_coefficients()`` (``mtp_loss``: the multi-token-prediction weight λ of
+    :class:`~lightning_moe.models.MoETransformer`). The schedule is a pure function of the step, so a
+    resumed run continues exactly; the coefficient last set is also kept in the checkpoint and restored
+    before validation runs.
     Logs ``schedule/<balancer>_coeff``. Checkpoint state is keyed by ``balancer``, so one
     scheduler per balancer can run side by side.
 
@@ -64,16 +67,17 @@ class ZLossScheduler(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         views = discover(pl_module, type(self).__name__)
-        targets: dict[int, Balancer] = {}
-        for view in views:
-            for balancer in view.balancers:
-                if balancer.name == self.balancer:
-                    targets[id(balancer)] = balancer
+        # The balancers, and the loss weights a model offers besides them (``scheduled_coefficients()``:
+        # MoETransformer's ``mtp_loss``); each has a ``name`` and a ``coeff``.
+        candidates = [b for view in views for b in view.balancers]
+        candidates += [c for m in pl_module.modules() if callable(getattr(m, "scheduled_coefficients", None))
+                       for c in m.scheduled_coefficients()]
+        targets: dict[int, Balancer] = {id(c): c for c in candidates if c.name == self.balancer}
         if not targets:
-            present = sorted({b.name for view in views for b in view.balancers})
+            present = sorted({c.name for c in candidates})
             raise ValueError(
-                f"ZLossScheduler(balancer={self.balancer!r}) found no such balancer in the {len(views)} MoE layers; "
-                f"the layers have {present or 'no balancers'}."
+                f"ZLossScheduler(balancer={self.balancer!r}) found no such balancer in the {len(views)} MoE layers, "
+                f"nor such a loss weight in the model; there are {present or 'no balancers'}."
             )
         self._targets = list(targets.values())
 

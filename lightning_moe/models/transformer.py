@@ -9,66 +9,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_positive_int
+from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_float, check_positive_int
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
-from lightning_moe.layers.record import total_aux_losses
+from lightning_moe.layers.record import RoutingRecorder, total_aux_losses
+from lightning_moe.models.attention import (
+    ATTENTION_KINDS,
+    AttentionKind,
+    CausalSelfAttention,
+    MLAConfig,
+    MultiHeadLatentAttention,
+    RMSNorm,
+    Rotary,
+)
+from lightning_moe.models.mtp import LossWeight, MTPModule
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class Rotary(nn.Module):
-    """Rotary position embeddings (RoPE), rotating pairs (i, i + Dh/2) of each head."""
-
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
-        super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles_SF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # F = Dh/2
-        # Non-persistent: derived from the config, so checkpoints do not carry them.
-        self.register_buffer("cos_SF", angles_SF.cos(), persistent=False)
-        self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
-
-    def forward(self, x_BHSDh: Tensor) -> Tensor:
-        seq_len = x_BHSDh.shape[-2]
-        cos, sin = self.cos_SF[:seq_len].to(x_BHSDh.dtype), self.sin_SF[:seq_len].to(x_BHSDh.dtype)
-        x1, x2 = x_BHSDh.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, rotary: Rotary) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = rotary
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        b, s, d = x_BSD.shape
-        qkv = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
-        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))  # (B, S, D)
+__all__ = ["Block", "CausalSelfAttention", "MLAConfig", "MoETransformer", "MultiHeadLatentAttention", "RMSNorm",
+           "Rotary"]
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, rotary: Rotary, ffn: nn.Module) -> None:
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, rotary)
+        self.attn = attn
         self.ffn_norm = RMSNorm(d_model)
         self.ffn = ffn
 
@@ -103,20 +72,42 @@ class MoETransformer(nn.Module):
     ``first_k_dense_replace``); after them, every ``moe_every``-th layer is an MoE layer, i.e.
     layer ``i`` (0-based) is MoE when ``moe_every > 0``, ``i >= first_dense_layers`` and
     ``(i - first_dense_layers) % moe_every == moe_every - 1``. Dense layers have a SwiGLU of
-    width ``d_ff``; ``moe_every=0`` gives the dense baseline. Input and output embeddings are tied.
-    What the MoE layers are made of (experts, router, balancers, capacity, dispatcher, fine-grained
-    and shared experts, expert parallelism) is one :class:`~lightning_moe.layers.MoEConfig`.
+    width ``d_ff``; ``moe_every=0`` gives the dense baseline. What the MoE layers are made of
+    (experts, router, balancers, capacity, dispatcher, fine-grained and shared experts, expert
+    parallelism) is one :class:`~lightning_moe.layers.MoEConfig`.
+
+    Attention is multi-head (``attention="mha"``: RoPE on the whole head) or DeepSeek-V2/V3's
+    multi-head latent attention (``"mla"``, sized by ``mla``: low-rank query and key-value latents with
+    RMSNorms, a decoupled rotary part; :class:`~lightning_moe.models.attention.MultiHeadLatentAttention`),
+    which caches far fewer elements per token (:meth:`kv_cache_per_token`).
+
+    Multi-token prediction (``mtp_depth`` = K > 0, DeepSeek-V3): K sequential modules
+    (:mod:`~lightning_moe.models.mtp`), each one block of the kind the last layer has (an MoE block
+    when the model's MoE layers reach its last layer), predict the tokens 2..K+1 places ahead during
+    training; :meth:`forward_with_mtp` returns their logits and ``mtp_weight`` (λ, a
+    :class:`~lightning_moe.models.mtp.LossWeight` named ``mtp_loss`` that
+    :class:`~lightning_moe.callbacks.ZLossScheduler` can schedule) weighs their mean cross-entropy in
+    the loss. :meth:`forward`, :meth:`generate`, :meth:`parameter_counts`' ``total``/``active`` and
+    :meth:`flops_per_token` are the inference model, without them; ``mtp_depth=0`` is exactly the
+    model without MTP (same parameters, same random initialisation, same outputs).
 
     Args:
         vocab_size: vocabulary size V, >= 1.
         max_seq_len: longest sequence the rotary tables cover, >= 1.
-        d_model: model width D, >= 1 and divisible by ``n_heads`` (head width even, for RoPE).
+        d_model: model width D, >= 1 and divisible by ``n_heads`` (head width even, for RoPE, with ``mha``).
         n_layers: transformer blocks, >= 1.
         n_heads: attention heads, >= 1.
         d_ff: hidden width of the dense FFNs, >= 1.
         moe: the MoE layers (:class:`~lightning_moe.layers.MoEConfig`; ``None``: its defaults).
         moe_every: 1 = every layer (after the leading dense ones) is MoE, n = every n-th, 0 = none.
         first_dense_layers: leading dense layers, in [0, n_layers].
+        attention: ``"mha"`` or ``"mla"``.
+        mla: the latent attention's sizes (``None``: :class:`~lightning_moe.models.MLAConfig`'s defaults);
+            read only with ``attention="mla"``.
+        rope_base: RoPE's base (``rope_theta``), > 0.
+        tie_embeddings: the output head shares the input embedding's weight (DeepSeek-V3 does not).
+        mtp_depth: multi-token prediction modules K, >= 0.
+        mtp_weight: λ, the weight of the MTP loss, >= 0 (DeepSeek-V3: 0.3, then 0.1 late in training).
     """
 
     def __init__(
@@ -131,6 +122,12 @@ class MoETransformer(nn.Module):
         moe: MoEConfig | None = None,
         moe_every: int = 1,
         first_dense_layers: int = 0,
+        attention: AttentionKind = "mha",
+        mla: MLAConfig | None = None,
+        rope_base: float = 10000.0,
+        tie_embeddings: bool = True,
+        mtp_depth: int = 0,
+        mtp_weight: float = 0.3,
         **flat: Any,
     ) -> None:
         if flat:
@@ -141,38 +138,102 @@ class MoETransformer(nn.Module):
             check_positive_int(name, value)
         check_int_range("moe_every", moe_every, 0, n_layers)
         check_int_range("first_dense_layers", first_dense_layers, 0, n_layers)
-        if d_model % n_heads or (d_model // n_heads) % 2:
+        check_non_negative_int("mtp_depth", mtp_depth)
+        check_positive_float("rope_base", rope_base)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"`attention` must be one of {ATTENTION_KINDS}, got {attention!r}.")
+        if attention == "mha" and (d_model % n_heads or (d_model // n_heads) % 2):
             raise ValueError(f"`d_model` ({d_model}) must split into `n_heads` ({n_heads}) heads of even width.")
         self.moe = moe = MoEConfig() if moe is None else moe
-        self.max_seq_len = max_seq_len
+        self.attention = attention
+        self.mla = (MLAConfig() if mla is None else mla) if attention == "mla" else None
+        self.max_seq_len, self.rope_base, self.d_ff = max_seq_len, float(rope_base), d_ff
         self.n_layers, self.d_model, self.granularity = n_layers, d_model, moe.granularity
         self.embed = nn.Embedding(vocab_size, d_model)
-        rotary = Rotary(d_model // n_heads, max_seq_len)
+        if attention == "mha":
+            rotary: Rotary | None = Rotary(d_model // n_heads, max_seq_len, rope_base)
+        else:
+            rotary = Rotary(self.mla.qk_rope_head_dim, max_seq_len, rope_base) if self.mla.qk_rope_head_dim else None
 
-        def ffn(i: int) -> nn.Module:
-            if not moe_every or i < first_dense_layers or (i - first_dense_layers) % moe_every != moe_every - 1:
-                return SwiGLU(d_model, d_ff)
-            return MoELayer.from_config(d_model, moe)
+        def is_moe(i: int) -> bool:
+            return bool(moe_every) and i >= first_dense_layers and (i - first_dense_layers) % moe_every == moe_every - 1
 
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, rotary, ffn(i)) for i in range(n_layers))
+        def block(i: int) -> Block:
+            ffn = MoELayer.from_config(d_model, moe) if is_moe(i) else SwiGLU(d_model, d_ff)
+            attn = (CausalSelfAttention(d_model, n_heads, rotary) if attention == "mha"
+                    else MultiHeadLatentAttention(d_model, n_heads, self.mla, rotary))
+            return Block(d_model, attn, ffn)
+
+        self.blocks = nn.ModuleList(block(i) for i in range(n_layers))
         self.norm = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight
+        self.tie_embeddings = bool(tie_embeddings)
+        if self.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         # Tied embeddings at nn.Embedding's N(0, 1) give logits of std sqrt(D) and a first loss far
         # above log(V); GPT-2's 0.02 starts near log(V).
         nn.init.normal_(self.embed.weight, std=0.02)
+        self.mtp_depth = mtp_depth
+        self.mtp_weight = LossWeight("mtp_loss", mtp_weight)
+        if mtp_depth:  # built last, so the main model's initial values do not depend on the depth
+            self.mtp = nn.ModuleList(MTPModule(d_model, block(n_layers)) for _ in range(mtp_depth))
 
     def moe_layers(self) -> list[MoELayer]:
+        """Every MoE layer, the MTP modules' included (after the main model's)."""
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def forward(self, ids_BS: Tensor) -> Tensor:
-        """Token ids ``(B, S)`` -> logits ``(B, S, V)``."""
+    def _mtp_modules(self) -> list[MTPModule]:
+        return list(self.mtp) if "mtp" in self._modules else []
+
+    def hidden_states(self, ids_BS: Tensor) -> Tensor:
+        """Token ids ``(B, S)`` -> the last block's output ``(B, S, D)``, before the final norm."""
         if ids_BS.shape[-1] > self.max_seq_len:
             raise ValueError(f"Sequence length {ids_BS.shape[-1]} exceeds `max_seq_len`={self.max_seq_len}.")
         x_BSD = self.embed(ids_BS)
         for block in self.blocks:
             x_BSD = block(x_BSD, ids_BS)
-        return self.lm_head(self.norm(x_BSD))
+        return x_BSD
+
+    def forward(self, ids_BS: Tensor) -> Tensor:
+        """Token ids ``(B, S)`` -> logits ``(B, S, V)`` (the MTP modules do not run; their routing
+        records are cleared, so :meth:`aux_losses` is this forward's)."""
+        for module in self._mtp_modules():
+            for recorder in module.modules():
+                if isinstance(recorder, RoutingRecorder):
+                    recorder.clear_record()
+        return self.lm_head(self.norm(self.hidden_states(ids_BS)))
+
+    def forward_with_mtp(self, ids_BN: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """A training sequence of ``N = S + 1`` tokens -> the logits ``(B, S, V)`` of its first ``S``
+        tokens and, for each MTP depth ``k`` = 1..K, the logits ``(B, S - k, V)`` predicting
+        ``ids_BN[:, k + 1:]`` (:func:`~lightning_moe.models.mtp.mtp_cross_entropies` scores them)."""
+        seq_len = ids_BN.shape[-1] - 1
+        modules = self._mtp_modules()
+        if seq_len - len(modules) < 1:
+            raise ValueError(f"A sequence of {ids_BN.shape[-1]} tokens is too short for mtp_depth={len(modules)}.")
+        h_BSD = self.hidden_states(ids_BN[:, :seq_len])
+        logits = self.lm_head(self.norm(h_BSD))
+        mtp_logits = []
+        for k, module in enumerate(modules, start=1):
+            ids_BM = ids_BN[:, k:seq_len]  # t_{i+k} for i = 0 .. S - k - 1
+            h_BSD = module(h_BSD[:, : seq_len - k], self.embed(ids_BM), ids_BM)
+            mtp_logits.append(self.lm_head(module.norm(h_BSD)))
+        return logits, mtp_logits
+
+    def drop_mtp(self) -> None:
+        """Delete the MTP modules (for export or serving: inference never runs them)."""
+        if "mtp" in self._modules:
+            del self.mtp
+        self.mtp_depth = 0
+
+    def scheduled_coefficients(self) -> list[LossWeight]:
+        """Loss weights besides the balancers' that a coefficient scheduler may set (``mtp_loss``)."""
+        return [self.mtp_weight] if self.mtp_depth else []
+
+    def kv_cache_per_token(self) -> int:
+        """Elements a KV cache keeps per token, over all layers: ``2 * D`` per layer for multi-head
+        attention, ``kv_lora_rank + qk_rope_head_dim`` for latent attention."""
+        return sum(block.attn.kv_cache_per_token for block in self.blocks)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Each balancer's loss summed over the MoE layers, from the last forward
@@ -182,32 +243,48 @@ class MoETransformer(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters and ``active`` ones (used per token: on average
         ``router.experts_per_token`` of E routed experts per MoE layer; shared experts, routers,
-        attention, norms and the tied embedding always), and ``expert`` (all routed experts).
-        Counts the whole model also when expert parallelism has left each rank a shard."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = expert = 0
-        for layer in self.moe_layers():
-            expert_params = sum(p.numel() for p in layer.experts.parameters())
-            shards = layer.num_experts // layer.experts.num_experts  # P under expert parallelism, else 1
-            total += expert_params * (shards - 1)
-            expert_params *= shards
-            share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
-            inactive += round(expert_params * share)
-            expert += expert_params
-        return {"total": total, "active": total - inactive, "expert": expert}
+        attention, norms and the embedding(s) always), ``expert`` (all routed experts), all three of
+        the inference model (without MTP modules), and ``mtp`` (the MTP modules' parameters, used in
+        training only; 0 without). Counts the whole model also when expert parallelism has left each
+        rank a shard."""
+
+        def count(modules: list[nn.Module]) -> tuple[int, int, int]:
+            total = sum(p.numel() for m in modules for p in m.parameters())
+            inactive = expert = 0
+            for layer in (x for m in modules for x in m.modules() if isinstance(x, MoELayer)):
+                expert_params = sum(p.numel() for p in layer.experts.parameters())
+                shards = layer.num_experts // layer.experts.num_experts  # P under expert parallelism, else 1
+                total += expert_params * (shards - 1)
+                expert_params *= shards
+                share = (layer.num_experts - layer.router.experts_per_token) / layer.num_experts
+                inactive += round(expert_params * share)
+                expert += expert_params
+            return total, inactive, expert
+
+        mtp = self._mtp_modules()
+        total, inactive, expert = count([self])
+        mtp_total, mtp_inactive, mtp_expert = count(mtp)
+        total, inactive, expert = total - mtp_total, inactive - mtp_inactive, expert - mtp_expert
+        return {"total": total, "active": total - inactive, "expert": expert, "mtp": mtp_total}
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Forward FLOPs per token at sequence length ``seq_len`` (default ``max_seq_len``).
+        """Forward FLOPs per token at sequence length ``seq_len`` (default ``max_seq_len``), of the
+        inference model (no MTP).
 
         Kaplan et al.'s count: 2 per weight of every matmul a token goes through (the active
-        parameters without the norms' weights; the tied embedding counts once, as the output
-        projection) plus ``2 * n_layers * seq_len * d_model`` for attention scores and values.
+        parameters without the norms' weights and without an untied input embedding, a lookup; a
+        tied embedding counts once, as the output projection) plus ``2 * n_layers * seq_len * d_attn``
+        for attention scores and values, ``d_attn`` = D for multi-head attention and
+        ``H * (N + R + Dv) / 2`` for latent attention (its query-key and value widths averaged).
         A training step costs about three times this.
         """
         seq_len = self.max_seq_len if seq_len is None else check_positive_int("seq_len", seq_len)
-        norm_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
-        matmul_params = self.parameter_counts()["active"] - norm_params
-        return 2 * matmul_params + 2 * self.n_layers * seq_len * self.d_model
+        main = [m for name, m in self.named_modules() if not name.startswith("mtp")]
+        norm_params = sum(m.weight.numel() for m in main if isinstance(m, RMSNorm))
+        lookup = 0 if self.tie_embeddings else self.embed.weight.numel()
+        matmul_params = self.parameter_counts()["active"] - norm_params - lookup
+        d_attn = sum(block.attn.score_width for block in self.blocks)
+        return round(2 * matmul_params + 2 * seq_len * d_attn)
 
     @torch.no_grad()
     def generate(

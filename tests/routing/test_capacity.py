@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_moe.layers import MoELayer
-from lightning_moe.models.transformer import Block, Rotary
+from lightning_moe.models.transformer import Block, CausalSelfAttention, Rotary
 from lightning_moe.routing import ExpertCapacity, Routing, TopKRouter, drop_over_capacity, expert_capacity
 
 
@@ -110,7 +110,7 @@ def test_dropped_tokens_leave_the_layer_as_zeros_and_stats_count_them() -> None:
 
 def test_dropped_tokens_pass_through_the_residual_unchanged() -> None:
     layer = capacity_layer(ExpertCapacity(capacity_factor=0.25))
-    block = Block(16, 2, Rotary(8, 32), layer)
+    block = Block(16, CausalSelfAttention(16, 2, Rotary(8, 32)), layer)
     seen = {}
     block.ffn_norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
     out = block(torch.randn(2, 20, 16))
