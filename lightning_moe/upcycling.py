@@ -268,7 +268,9 @@ def _dense_config(model: MoETransformer) -> dict:
         raise ValueError(f"`model` already has MoE layers (blocks {moe}); upcycling needs a dense model "
                          "(MoETransformer(..., moe_every=0)).")
     return dict(vocab_size=model.embed.num_embeddings, max_seq_len=model.max_seq_len, d_model=model.d_model,
-                n_layers=model.n_layers, n_heads=model.blocks[0].attn.n_heads, d_ff=model.blocks[0].ffn.d_ff)
+                n_layers=model.n_layers, n_heads=model.blocks[0].attn.n_heads, d_ff=model.blocks[0].ffn.d_ff,
+                attention=model.attention, mla=model.mla, rope_base=model.rope_base,
+                tie_embeddings=model.tie_embeddings, mtp_depth=model.mtp_depth, mtp_weight=model.mtp_weight.coeff)
 
 
 def upcycle(
@@ -322,7 +324,10 @@ def upcycle(
 
 
 def _moe_blocks(model: MoETransformer) -> dict[str, MoELayer]:
-    return {f"blocks.{i}.ffn.": b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
+    """``{state-dict prefix: MoE layer}`` of every MoE block, the MTP modules' blocks included."""
+    blocks = {f"blocks.{i}.": b for i, b in enumerate(model.blocks)}
+    blocks.update({f"mtp.{k}.block.": m.block for k, m in enumerate(getattr(model, "mtp", []))})
+    return {prefix + "ffn.": b.ffn for prefix, b in blocks.items() if isinstance(b.ffn, MoELayer)}
 
 
 def _expected_dense_shapes(model: MoETransformer, method: str) -> dict[str, tuple[int, ...]]:

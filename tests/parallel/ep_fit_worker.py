@@ -8,6 +8,7 @@ Writes OUT/rank{r}.pt: {"losses": [...], "logits": logits of a fixed batch after
 """
 
 import argparse
+import json
 import functools
 import os
 from pathlib import Path
@@ -71,6 +72,8 @@ def main() -> None:
                         help="bias offsets (BiasOffsetUpdater) and dead-expert revival (DeadExpertDetector)")
     parser.add_argument("--save")
     parser.add_argument("--load")
+    parser.add_argument("--model-kwargs", default="{}",
+                        help="JSON of further MoELanguageModel arguments (e.g. attention, mla, mtp_depth)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -80,6 +83,7 @@ def main() -> None:
         moe=MoEConfig(
             router=router, num_experts=4, expert_d_ff=8, balancers=[ZLoss(0.01)], expert_parallel_size=args.ep,
         ),
+        **json.loads(args.model_kwargs),
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.strategy == "single":
