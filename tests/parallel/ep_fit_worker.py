@@ -8,8 +8,8 @@ Writes OUT/rank{r}.pt: {"losses": [...], "logits": logits of a fixed batch after
 """
 
 import argparse
-import json
 import functools
+import json
 import os
 from pathlib import Path
 

@@ -22,7 +22,8 @@ def test_ddp_ep2_with_mla_and_mtp_matches_one_process(tmp_path: Path, monkeypatc
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     import test_expert_parallel_fit as ep_fit
 
-    args = ("--callbacks", "--steps", "3", "--model-kwargs", json.dumps({"attention": "mla", "mla": MLA, "mtp_depth": 1}))
+    model = json.dumps({"attention": "mla", "mla": MLA, "mtp_depth": 1})
+    args = ("--callbacks", "--steps", "3", "--model-kwargs", model)
     # 3 steps: after 4 the +-0.05 bias updates happen to bring every bias back to 0 here; after 3 none is 0.
     one = ep_fit.fit(tmp_path / "ep1", "single", 1, *args)[0]
     two = ep_fit.fit(tmp_path / "ep2", "ddp", 2, *args, processes=2)
