@@ -1,7 +1,7 @@
 """A tiny DeepSeek-V3 end to end: train it with latent attention and multi-token prediction, export it to
 ``transformers``' ``DeepseekV3ForCausalLM``, and bring a ``transformers`` model back.
 
-    python examples/deepseek_v3.py [--max-steps 40] [--log-dir runs]
+    python examples/deepseek_v3.py [--max-steps 20] [--log-dir runs]
     tensorboard --logdir runs      # train/mtp_loss next to train/lm_loss
 
 1. ``MoELanguageModel`` with ``attention="mla"`` (multi-head latent attention), ``mtp_depth=1`` (one
@@ -41,7 +41,7 @@ SEQ_LEN = 64
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--log-dir", default="runs")
     args = parser.parse_args()
     L.seed_everything(0)

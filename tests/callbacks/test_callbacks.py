@@ -122,7 +122,7 @@ def test_zloss_scheduler_schedules_any_balancer_and_names_missing_ones() -> None
     aux = SwitchAuxLoss(0.01)
     fit(tiny(balancers=[aux]), [ZLossScheduler(0.2, balancer="aux_loss")], max_steps=1)  # a float: constant
     assert aux.coeff == 0.2
-    with pytest.raises(ValueError, match=r"balancer='z_loss'.*the layers have \['aux_loss'\]"):
+    with pytest.raises(ValueError, match=r"balancer='z_loss'.*there are \['aux_loss'\]"):
         fit(tiny(balancers=[SwitchAuxLoss(0.01)]), [ZLossScheduler()], max_steps=1)
     with pytest.raises(ValueError, match="`balancer` must be a balancer name"):
         ZLossScheduler(balancer="")
