@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_int_range, check_non_negative_int, check_positive_float, check_positive_int
+from lightning_moe._validate import (
+    check_int_range,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+)
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
@@ -174,7 +180,7 @@ class MoETransformer(nn.Module):
         # above log(V); GPT-2's 0.02 starts near log(V).
         nn.init.normal_(self.embed.weight, std=0.02)
         self.mtp_depth = mtp_depth
-        self.mtp_weight = LossWeight("mtp_loss", mtp_weight)
+        self.mtp_weight = LossWeight("mtp_loss", check_non_negative("mtp_weight", mtp_weight))
         if mtp_depth:  # built last, so the main model's initial values do not depend on the depth
             self.mtp = nn.ModuleList(MTPModule(d_model, block(n_layers)) for _ in range(mtp_depth))
 

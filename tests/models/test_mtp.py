@@ -323,3 +323,10 @@ def test_upcycling_a_dense_mtp_model_keeps_its_main_and_mtp_logits() -> None:
         ref_logits, ref_mtp_logits = dense.forward_with_mtp(ids())
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mtp_logits[0], ref_mtp_logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"mtp_weight": -1.0}, "`mtp_weight`"),
+                                               ({"mtp_depth": -1}, "`mtp_depth`")])
+def test_mtp_arguments_are_checked_by_name(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MoETransformer(16, d_model=16, n_layers=1, n_heads=2, d_ff=16, **kwargs)
