@@ -439,6 +439,8 @@ class _UsageErrorCLI(LightningCLI):
             wrong.append(f"{len(missing)} tensors of the checkpoint are not in this model (e.g. {missing[0]})")
         if extra:
             wrong.append(f"{len(extra)} tensors of this model are not in the checkpoint (e.g. {extra[0]})")
+        if "tie_embeddings" in state["applied"]:  # same tensors either way, but not the same model
+            wrong.append("the output head is tied to the embedding in one and not in the other")
         flags = "; ".join(f"model.{k} = {new!r} here, {old!r} in the checkpoint"
                           for k, (new, old) in state["applied"].items())
         if wrong:

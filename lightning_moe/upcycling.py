@@ -383,6 +383,9 @@ def upcycle_state_dict(
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ValueError(f"`dense_state_dict` (prefix={prefix!r}) does not fit this model for method={method!r} "
                          f"(granularity {model.granularity}):\n  {shown}")
+    if model.tie_embeddings and not torch.equal(source["embed.weight"], source["lm_head.weight"]):
+        raise ValueError("`dense_state_dict` has an output head of its own (an untied model) but this model ties it "
+                         "to the embedding: build the MoE model with tie_embeddings=False.")
     moe = _moe_blocks(model)
     for layer in moe.values() if zero_router else ():
         _router_rows(layer.router)  # fail before changing anything

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.callbacks._utils import discover
 from lightning_moe.callbacks.schedule import Schedule, as_schedule
+from lightning_moe.discovery import find_moe_layers
 
 
 class ZLossScheduler(Callback):
@@ -66,13 +67,15 @@ class ZLossScheduler(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        views = discover(pl_module, type(self).__name__)
+        views = find_moe_layers(pl_module)  # none is fine when the model offers the weight (a dense model's MTP)
         # The balancers, and the loss weights a model offers besides them (``scheduled_coefficients()``:
         # MoETransformer's ``mtp_loss``); each has a ``name`` and a ``coeff``.
         candidates = [b for view in views for b in view.balancers]
         candidates += [c for m in pl_module.modules() if callable(getattr(m, "scheduled_coefficients", None))
                        for c in m.scheduled_coefficients()]
         targets: dict[int, Balancer] = {id(c): c for c in candidates if c.name == self.balancer}
+        if not targets and not views:
+            discover(pl_module, type(self).__name__)  # raises, naming what models and layers it supports
         if not targets:
             present = sorted({c.name for c in candidates})
             raise ValueError(

@@ -132,8 +132,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     The KV cache: at inference only ``c_kv`` and the rotary key need keeping, ``Ckv + R`` elements per
     token and layer (``kv_up`` can be absorbed into the query and the output projection), against
-    ``2 * D`` (``2 * H * Dh``) for multi-head attention of the same width; DeepSeek-V3's 512 + 64 = 576
-    against 2 * 128 * 128 = 32,768 (57x less). :attr:`kv_cache_per_token` holds it, and
+    every head's key and value for multi-head attention, ``2 * H * Dh`` (``2 * D`` for
+    :class:`CausalSelfAttention`, whose heads split ``D``); DeepSeek-V3's 512 + 64 = 576 against
+    2 * 128 heads * 128 = 32,768 (57x less). :attr:`kv_cache_per_token` holds it, and
     :meth:`~lightning_moe.models.MoETransformer.kv_cache_per_token` sums it over the layers.
 
     Reduction to multi-head attention: with ``qk_rope_head_dim=0`` (no rotary split), ``q_lora_rank=None``

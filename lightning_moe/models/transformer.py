@@ -89,7 +89,7 @@ class MoETransformer(nn.Module):
 
     Multi-token prediction (``mtp_depth`` = K > 0, DeepSeek-V3): K sequential modules
     (:mod:`~lightning_moe.models.mtp`), each one block of the kind the last layer has (an MoE block
-    when the model's MoE layers reach its last layer), predict the tokens 2..K+1 places ahead during
+    when the last layer is an MoE layer, as in DeepSeek-V3), predict the tokens 2..K+1 places ahead during
     training; :meth:`forward_with_mtp` returns their logits and ``mtp_weight`` (λ, a
     :class:`~lightning_moe.models.mtp.LossWeight` named ``mtp_loss`` that
     :class:`~lightning_moe.callbacks.ZLossScheduler` can schedule) weighs their mean cross-entropy in
@@ -182,7 +182,7 @@ class MoETransformer(nn.Module):
         self.mtp_depth = mtp_depth
         self.mtp_weight = LossWeight("mtp_loss", check_non_negative("mtp_weight", mtp_weight))
         if mtp_depth:  # built last, so the main model's initial values do not depend on the depth
-            self.mtp = nn.ModuleList(MTPModule(d_model, block(n_layers)) for _ in range(mtp_depth))
+            self.mtp = nn.ModuleList(MTPModule(d_model, block(n_layers - 1)) for _ in range(mtp_depth))
 
     def moe_layers(self) -> list[MoELayer]:
         """Every MoE layer, the MTP modules' included (after the main model's)."""

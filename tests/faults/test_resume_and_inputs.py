@@ -76,6 +76,12 @@ def test_resume_refuses_a_shape_change_and_applies_the_rest(capsys: pytest.Captu
     assert "model.moe.num_experts = 16 here, 8 in the checkpoint" in err
     assert "was saved by a model of another shape" in err
 
+    # Tied and untied models have the same tensors; resuming one as the other is refused all the same.
+    err = usage_error(capsys, "fit", "--config", TINY, *SMALL, "--trainer.logger.init_args.name", "ft",
+                      "--model.tie_embeddings", "false", "--ckpt_path", "last")
+    assert "model.tie_embeddings = False here, True in the checkpoint" in err
+    assert "tied to the embedding in one and not in the other" in err
+
     cli = fit("--model.optimizer.init_args.lr", "0.001", "--ckpt_path", "last", steps=4)
     err = capsys.readouterr().err
     assert "model.optimizer.init_args.lr = 0.001 here, 0.003 in the checkpoint" in err

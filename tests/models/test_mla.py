@@ -321,3 +321,12 @@ def test_upcycle_keeps_the_dense_models_attention_and_embeddings(kwargs: dict) -
     ids_BS = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(moe.eval()(ids_BS), dense(ids_BS), atol=1e-5, rtol=1e-5)
+
+
+def test_upcycling_an_untied_dense_model_into_a_tied_one_is_refused() -> None:
+    from lightning_moe.upcycling import upcycle_state_dict
+
+    dense = MoETransformer(32, d_model=16, n_layers=1, n_heads=2, d_ff=16, moe_every=0, tie_embeddings=False)
+    moe = MoETransformer(32, d_model=16, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=2, expert_d_ff=16))
+    with pytest.raises(ValueError, match="tie_embeddings=False"):
+        upcycle_state_dict(moe, dense.state_dict(), "copy")

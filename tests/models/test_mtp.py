@@ -330,3 +330,23 @@ def test_upcycling_a_dense_mtp_model_keeps_its_main_and_mtp_logits() -> None:
 def test_mtp_arguments_are_checked_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MoETransformer(16, d_model=16, n_layers=1, n_heads=2, d_ff=16, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "moe"), [({"moe_every": 2}, True), ({"moe_every": 3}, False),
+                                             ({"first_dense_layers": 4}, False), ({}, True)])
+def test_the_mtp_block_is_of_the_last_layers_kind(kwargs: dict, moe: bool) -> None:
+    model = MoETransformer(16, d_model=16, n_layers=4, n_heads=2, d_ff=16, mtp_depth=1,
+                           moe=MoEConfig(num_experts=2, expert_d_ff=8), **kwargs)
+    assert isinstance(model.blocks[-1].ffn, MoELayer) == moe
+    assert isinstance(model.mtp[0].block.ffn, MoELayer) == moe
+
+
+def test_scheduler_finds_the_mtp_weight_of_a_dense_model() -> None:
+    module = MoELanguageModel(vocab_size=16, max_seq_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=16, moe_every=0,
+                              mtp_depth=1)
+    scheduler = ZLossScheduler(schedule=0.1, balancer="mtp_loss")
+    scheduler.setup(None, module, "fit")  # the trainer is not read in setup
+    scheduler._apply(0.1)
+    assert module.model.mtp_weight.coeff == 0.1
+    with pytest.raises(ValueError, match="found no MoE layer"):
+        ZLossScheduler(balancer="z_loss").setup(None, module, "fit")
