@@ -326,7 +326,7 @@ def upcycle(
 def _moe_blocks(model: MoETransformer) -> dict[str, MoELayer]:
     """``{state-dict prefix: MoE layer}`` of every MoE block, the MTP modules' blocks included."""
     blocks = {f"blocks.{i}.": b for i, b in enumerate(model.blocks)}
-    blocks.update({f"mtp.{k}.block.": m.block for k, m in enumerate(getattr(model, "mtp", []))})
+    blocks.update({f"mtp.{k}.block.": m.block for k, m in enumerate(model.mtp_modules())})
     return {prefix + "ffn.": b.ffn for prefix, b in blocks.items() if isinstance(b.ffn, MoELayer)}
 
 

@@ -256,8 +256,7 @@ def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int) -
     from lightning_moe.module import MoELanguageModel
 
     module = MoELanguageModel.load_from_checkpoint(str(path), map_location="cpu").eval()
-    # The main model's MoE layers: its forward never runs the multi-token-prediction blocks'.
-    moe_layers = [m for block in module.model.blocks for m in block.modules() if isinstance(m, MoELayer)]
+    moe_layers = module.model.moe_layers(include_mtp=False)  # the forward never runs the MTP blocks
     if not moe_layers:
         raise SystemExit(f"{path} has no MoE layer (a dense model?)")
     if not 0 <= layer < len(moe_layers):

@@ -183,6 +183,13 @@ def _assign(layer: nn.Module, name: str, tensor: Tensor, requires_grad: bool) ->
         setattr(owner, attr, nn.Parameter(tensor, requires_grad=requires_grad))
 
 
+def _no_meta_left(module: nn.Module, what: str, mapping: str) -> None:
+    """After filling a module built on the meta device: ``RuntimeError`` naming any tensor ``mapping`` missed."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # pragma: no cover - a new tensor that the mapping does not know
+        raise RuntimeError(f"{what} left {left} uninitialised; {mapping} must map them.")
+
+
 def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: Sequence[Balancer] = (),
                       gating_kernel: str = "auto") -> MoELayer:
     """A :class:`MoELayer` computing the same function as a 5.x Hugging Face MoE block.
@@ -226,9 +233,7 @@ def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: 
                          shared_gate=family.shared_gate(block) is not None)
     for ours, _, theirs in _slots(block, family):
         _assign(layer, ours, theirs.detach().clone(memory_format=torch.contiguous_format), theirs.requires_grad)
-    left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-    if left:  # pragma: no cover - a new MoELayer tensor that _slots does not know
-        raise RuntimeError(f"moe_layer_from_hf left {left} uninitialised; _slots must map them.")
+    _no_meta_left(layer, "moe_layer_from_hf", "_slots")
     return layer.train(block.training)
 
 

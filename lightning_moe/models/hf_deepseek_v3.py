@@ -87,7 +87,13 @@ from torch import Tensor, nn
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.integrations.hf import HF_FAMILIES, family_of
-from lightning_moe.integrations.hf_convert import _assign, _empty_block, moe_layer_from_hf, moe_layer_to_hf
+from lightning_moe.integrations.hf_convert import (
+    _assign,
+    _empty_block,
+    _no_meta_left,
+    moe_layer_from_hf,
+    moe_layer_to_hf,
+)
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
 from lightning_moe.models.attention import MLAConfig, MultiHeadLatentAttention, RMSNorm, Rotary
@@ -209,12 +215,6 @@ def _copy_table(table: list[tuple[str, str, Tensor | None]], source: nn.Module, 
         _assign(target, dst_name, value, src.requires_grad)
 
 
-def _no_meta_left(model: nn.Module, what: str) -> None:
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # pragma: no cover - a tensor the table does not know
-        raise RuntimeError(f"{what} left {left} uninitialised; the weight table must map them.")
-
-
 # -- HF -> ours ------------------------------------------------------------------------------------
 
 
@@ -299,7 +299,7 @@ def from_deepseek_v3(hf_model: nn.Module, dispatcher: str = "grouped",
         if mla.qk_rope_head_dim else None
     for block in model.blocks:
         block.attn.rotary = rotary
-    _no_meta_left(model, "from_deepseek_v3")
+    _no_meta_left(model, "from_deepseek_v3", "the weight table")
     return model.train(hf_model.training)
 
 
@@ -450,5 +450,5 @@ def to_deepseek_v3(model: MoETransformer, config: Any = None) -> nn.Module:
     device = model.embed.weight.device
     rotary_emb = hf_model.model.rotary_emb
     hf_model.model.rotary_emb = type(rotary_emb)(config).to(device)
-    _no_meta_left(hf_model, "to_deepseek_v3")
+    _no_meta_left(hf_model, "to_deepseek_v3", "the weight table")
     return hf_model.train(model.training)

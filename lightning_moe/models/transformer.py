@@ -184,11 +184,14 @@ class MoETransformer(nn.Module):
         if mtp_depth:  # built last, so the main model's initial values do not depend on the depth
             self.mtp = nn.ModuleList(MTPModule(d_model, block(n_layers - 1)) for _ in range(mtp_depth))
 
-    def moe_layers(self) -> list[MoELayer]:
-        """Every MoE layer, the MTP modules' included (after the main model's)."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
+    def moe_layers(self, include_mtp: bool = True) -> list[MoELayer]:
+        """Every MoE layer, the MTP modules' included (after the main model's) unless ``include_mtp=False``
+        (the layers :meth:`forward` runs)."""
+        modules = self.modules() if include_mtp else (m for block in self.blocks for m in block.modules())
+        return [m for m in modules if isinstance(m, MoELayer)]
 
-    def _mtp_modules(self) -> list[MTPModule]:
+    def mtp_modules(self) -> list[MTPModule]:
+        """The MTP modules, depth 1 first (``[]`` without)."""
         return list(self.mtp) if "mtp" in self._modules else []
 
     def hidden_states(self, ids_BS: Tensor) -> Tensor:
@@ -203,7 +206,7 @@ class MoETransformer(nn.Module):
     def forward(self, ids_BS: Tensor) -> Tensor:
         """Token ids ``(B, S)`` -> logits ``(B, S, V)`` (the MTP modules do not run; their routing
         records are cleared, so :meth:`aux_losses` is this forward's)."""
-        for module in self._mtp_modules():
+        for module in self.mtp_modules():
             for recorder in module.modules():
                 if isinstance(recorder, RoutingRecorder):
                     recorder.clear_record()
@@ -214,7 +217,7 @@ class MoETransformer(nn.Module):
         tokens and, for each MTP depth ``k`` = 1..K, the logits ``(B, S - k, V)`` predicting
         ``ids_BN[:, k + 1:]`` (:func:`~lightning_moe.models.mtp.mtp_cross_entropies` scores them)."""
         seq_len = ids_BN.shape[-1] - 1
-        modules = self._mtp_modules()
+        modules = self.mtp_modules()
         if seq_len - len(modules) < 1:
             raise ValueError(f"A sequence of {ids_BN.shape[-1]} tokens is too short for mtp_depth={len(modules)}.")
         h_BSD = self.hidden_states(ids_BN[:, :seq_len])
@@ -267,7 +270,7 @@ class MoETransformer(nn.Module):
                 expert += expert_params
             return total, inactive, expert
 
-        mtp = self._mtp_modules()
+        mtp = self.mtp_modules()
         total, inactive, expert = count([self])
         mtp_total, mtp_inactive, mtp_expert = count(mtp)
         total, inactive, expert = total - mtp_total, inactive - mtp_inactive, expert - mtp_expert
