@@ -13,7 +13,8 @@ Each view exposes:
 
 - ``stats``: a detached :class:`~lightning_moe.layers.RoutingStats` of the layer's last forward
   (tokens per expert, mean scores, entropy, dropped assignments), ``None`` before the first;
-- ``aux_losses`` and ``balancers`` (our layers; empty for Hugging Face blocks);
+- ``aux_losses`` (the balancers' and those the router brings), ``balancers`` and ``loss_weights`` (the weights
+  of the losses the router brings) (our layers; empty for Hugging Face blocks);
 - ``expert_bias``: the auxiliary-loss-free bias buffer when the router has one
   (``expert_bias_E`` in ours, ``e_score_correction_bias`` in DeepSeek-V3), else ``None``;
 - ``revive(dead, sources, noise, generator)``: re-initialise dead experts from live ones.

@@ -21,11 +21,13 @@ class ZLossScheduler(Callback):
     The coefficient at optimizer step ``s`` is ``schedule(s)`` (``trainer.global_step``), in every
     MoE layer whose balancers include one named ``balancer`` (``z_loss`` by default; ``aux_loss``,
     ``seq_aux_loss``, ``device_aux_loss`` and ``comm_balance_loss`` schedule the other losses the
-    same way), and of every loss weight of that name a module of the model offers through
-    ``scheduled_coefficients()`` (``mtp_loss``: the multi-token-prediction weight λ of
-    :class:`~lightning_moe.models.MoETransformer`). The schedule is a pure function of the step, so a
-    resumed run continues exactly; the coefficient last set is also kept in the checkpoint and restored
-    before validation runs.
+    same way), of every loss a layer's router brings under that name (found by discovery:
+    ``MoELayerView.loss_weights``; ``ssl_loss``, the pretext loss of
+    :class:`~lightning_moe.routing.SelfSupervisedScorer`), and of every loss weight of that name a
+    module of the model offers through ``scheduled_coefficients()`` (``mtp_loss``: the
+    multi-token-prediction weight λ of :class:`~lightning_moe.models.MoETransformer`). The schedule is a
+    pure function of the step, so a resumed run continues exactly; the coefficient last set is also
+    kept in the checkpoint and restored before validation runs.
     Logs ``schedule/<balancer>_coeff``. Checkpoint state is keyed by ``balancer``, so one
     scheduler per balancer can run side by side.
 
@@ -68,9 +70,10 @@ class ZLossScheduler(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         views = find_moe_layers(pl_module)  # none is fine when the model offers the weight (a dense model's MTP)
-        # The balancers, and the loss weights a model offers besides them (``scheduled_coefficients()``:
-        # MoETransformer's ``mtp_loss``); each has a ``name`` and a ``coeff``.
-        candidates = [b for view in views for b in view.balancers]
+        # The balancers, the loss weights the layers' routers bring (a SelfSupervisedScorer's ``ssl_loss``) and
+        # those a model offers besides them (``scheduled_coefficients()``: MoETransformer's ``mtp_loss``); each has
+        # a ``name`` and a ``coeff``.
+        candidates = [b for view in views for b in (*view.balancers, *view.loss_weights)]
         candidates += [c for m in pl_module.modules() if callable(getattr(m, "scheduled_coefficients", None))
                        for c in m.scheduled_coefficients()]
         targets: dict[int, Balancer] = {id(c): c for c in candidates if c.name == self.balancer}

@@ -15,8 +15,9 @@ from lightning_moe.routing.routing import Routing
 
 
 class RoutingRecorder:
-    """Mixin for modules that route: ``aux_losses`` (``{balancer.name: loss}``, tensors with grad, to
-    add to the training loss) and ``stats`` (a detached :class:`RoutingStats`) of the last forward.
+    """Mixin for modules that route: ``aux_losses`` (``{name: loss}``, tensors with grad, to add to the
+    training loss: the balancers' and those the router brought) and ``stats`` (a detached
+    :class:`RoutingStats`) of the last forward.
     Both are overwritten by the next forward; nothing is stored anywhere else.
 
     Subclasses call :meth:`record` once per forward and have ``balancers`` (a list of
@@ -31,8 +32,14 @@ class RoutingRecorder:
 
     def record(self, routing: Routing) -> None:
         """Store ``self.balancers``' losses on ``routing`` (the assignments that reached experts,
-        capacity applied) and its detached stats."""
-        self.aux_losses = {b.name: b.loss(routing) for b in self.balancers}
+        capacity applied), the losses the router brought (``routing.aux_losses``) and its detached stats."""
+        losses = {b.name: b.loss(routing) for b in self.balancers}
+        for name, value in routing.aux_losses.items():
+            if name in losses:
+                raise ValueError(f"The router brings a loss named {name!r}, and so does a balancer of this layer "
+                                 f"({[b.name for b in self.balancers]}): rename one (each name is one aux loss).")
+            losses[name] = value
+        self.aux_losses = losses
         self.stats = RoutingStats.from_routing(routing)
 
     def clear_record(self) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.layers.record import RoutingRecorder
 from lightning_moe.layers.stats import RoutingStats
+from lightning_moe.routing.routing import LossWeight
 
 
 class MoELayerView:
@@ -68,6 +69,12 @@ class MoELayerView:
 
     @property
     def balancers(self) -> list[Balancer]:
+        return []
+
+    @property
+    def loss_weights(self) -> list[LossWeight]:
+        """The weights of the losses the layer's router brings itself (``Router.scheduled_coefficients``),
+        each with a ``name`` and a run-time ``coeff`` like a balancer's; ``[]`` for most routers."""
         return []
 
     @property
@@ -159,6 +166,11 @@ class RecorderView(MoELayerView):
     @property
     def balancers(self) -> list[Balancer]:
         return self.recorder.balancers
+
+    @property
+    def loss_weights(self) -> list[LossWeight]:
+        offered = getattr(self.router, "scheduled_coefficients", None)
+        return list(offered()) if callable(offered) else []
 
     @property
     def expert_bias(self) -> Tensor | None:

@@ -25,20 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_non_negative
 from lightning_moe.models.attention import RMSNorm
-
-
-class LossWeight:
-    """A named, schedulable loss weight: ``name`` and ``coeff``, like a balancer's, so
-    :class:`~lightning_moe.callbacks.ZLossScheduler` (``balancer: <name>``) schedules it."""
-
-    def __init__(self, name: str, coeff: float) -> None:
-        self.name = name
-        self.coeff = check_non_negative(name, coeff)
-
-    def __repr__(self) -> str:
-        return f"LossWeight({self.name!r}, coeff={self.coeff!r})"
 
 
 class MTPModule(nn.Module):

@@ -31,7 +31,8 @@ from lightning_moe.models.attention import (
     RMSNorm,
     Rotary,
 )
-from lightning_moe.models.mtp import LossWeight, MTPModule
+from lightning_moe.models.mtp import MTPModule
+from lightning_moe.routing.routing import LossWeight
 
 __all__ = ["Block", "CausalSelfAttention", "MLAConfig", "MoETransformer", "MultiHeadLatentAttention", "RMSNorm",
            "Rotary"]

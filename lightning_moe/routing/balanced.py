@@ -169,7 +169,7 @@ class BalancedRouter(Router):
         gates_TK = scores_TE.gather(1, experts_TK)
         if self.renormalize:
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
-        return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+        return self.with_own_losses(token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "

@@ -68,8 +68,8 @@ class ExpertChoiceRouter(Router):
         capacity = self.capacity(x_TD.shape[0])
         gates_EC, tokens_EC = scores_TE.T.topk(capacity, dim=-1)
         expert_A = torch.arange(self.num_experts, device=x_TD.device).repeat_interleave(capacity)
-        return Routing(scores_TE=scores_TE, logits_TE=logits_TE, token_A=tokens_EC.reshape(-1),
-                       expert_A=expert_A, weight_A=gates_EC.reshape(-1))
+        return self.with_own_losses(Routing(scores_TE=scores_TE, logits_TE=logits_TE, token_A=tokens_EC.reshape(-1),
+                                            expert_A=expert_A, weight_A=gates_EC.reshape(-1)))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, capacity_factor={self.capacity_factor}"

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_float, check_positive_int, check_token_ids
 from lightning_moe.routing.centering import InputCentering
+from lightning_moe.routing.routing import LossWeight
 
 __all__ = [
     "AttentionScorer",
@@ -59,10 +60,16 @@ class Scorer(nn.Module):
     minus its running mean in evaluation), so the direction all tokens share cannot put one
     expert in every token's top-k. ``False`` scores the raw hidden states (as Switch, Mixtral
     and DeepSeek do; those need a trained model's inputs or a strong balancer to stay balanced).
+
+    A scorer may bring auxiliary losses of its own (:class:`SelfSupervisedScorer`'s pretext loss):
+    it sets ``aux_losses`` (``{name: coeff * loss}``) in each forward and offers the weights through
+    :meth:`scheduled_coefficients`; its router passes them on in ``Routing.aux_losses``.
     """
 
     d_model: int
     num_experts: int
+    aux_losses: dict[str, Tensor]
+    """The losses this scorer brought in its last forward (empty for most scorers)."""
 
     def __init__(self, d_model: int, num_experts: int, center_input: bool = True) -> None:
         super().__init__()
@@ -71,6 +78,7 @@ class Scorer(nn.Module):
         if not isinstance(center_input, bool):
             raise ValueError(f"`center_input` must be a bool, got {center_input!r}.")
         self.centering = InputCentering(d_model) if center_input else None
+        self.aux_losses = {}
         # Checkpoints written before centring existed load into a centring scorer: the running
         # mean starts at zero and is filled by the first training batch.
         self.register_load_state_dict_pre_hook(_default_centering_state)
@@ -95,6 +103,10 @@ class Scorer(nn.Module):
     def expert_rows(self) -> list[Tensor]:
         """The parameters whose first dimension indexes experts (row ``e`` belongs to expert ``e``
         alone); ``DeadExpertDetector`` re-initialises those rows when it revives an expert."""
+        return []
+
+    def scheduled_coefficients(self) -> list[LossWeight]:
+        """The weights of the losses this scorer brings (``[]`` unless it brings some)."""
         return []
 
     def extra_repr(self) -> str:

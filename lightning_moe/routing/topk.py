@@ -132,7 +132,7 @@ class TopKRouter(Router):
 
             scores_TE, gates_TK, experts_TK = fused_topk_gating(
                 logits_TE, self.top_k, self.score_func, self.expert_bias_E, self.renormalize, self.scaling_factor)
-            return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+            return self.with_own_losses(token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK))
         affinity_TE, scores_TE = self._scores(logits_TE)
         choice_TE = affinity_TE.detach()
         if self.expert_bias_E is not None:
@@ -143,7 +143,7 @@ class TopKRouter(Router):
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         if self.scaling_factor != 1.0:
             gates_TK = gates_TK * self.scaling_factor
-        return token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK)
+        return self.with_own_losses(token_choice_routing(scores_TE, logits_TE, experts_TK, gates_TK))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
