@@ -109,7 +109,7 @@ def main(steps: int, log_dir: Path) -> None:
     moved = [max(float((p - q).abs().max()) for p, q in zip(layer.router.scorer.extractor_parameters(), before,
                                                             strict=True))
              for layer, before in zip(model.model.moe_layers(), extractors, strict=True)]
-    head_moved = [float((layer.router.scorer.head_EH - h).abs().max())
+    head_moved = [float((layer.router.scorer.head_EH.detach() - h).abs().max())
                   for layer, h in zip(model.model.moe_layers(), heads, strict=True)]
     print(f"   {steps // 2} more steps: val/loss {float(more.callback_metrics['val/loss']):.4f}; the frozen extractors "
           f"moved by at most {max(moved):.1e}, the routing heads by {max(head_moved):.1e}")
