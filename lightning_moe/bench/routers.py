@@ -9,7 +9,8 @@ the built-in corpus), or taken from a checkpoint the user names (a ``lightning-m
 Hugging Face model directory). Writes a Markdown table, a CSV and a PNG of per-router expert
 utilisation. Every router is measured as built (untrained), except ``self_supervised_pretrained``, whose
 extractor is first pre-trained alone (``SelfSupervisedScorer.pretrain``, 200 steps) on held-out states of
-the same kind: another random draw, or other stretches of the corpus.
+the same kind (another random draw, or other stretches of the corpus) and frozen, so its trainable
+parameters are the routing head's.
 
     lightning-moe-bench-routers                          # random states, B=16 x S=128 x D=768
     lightning-moe-bench-routers --hidden-states minilm   # real states (D=384)

@@ -46,6 +46,27 @@ def test_reports_for_every_router_on_random_states(tmp_path: Path, capsys: pytes
     assert "wrote" in capsys.readouterr().out
 
 
+def test_the_self_supervised_rows_and_pre_training_on_held_out_states(tmp_path: Path) -> None:
+    from lightning_moe.bench.routers import PRETRAINED, _corpus_chunks, load_hidden_states
+
+    results = bench_routers([*SMALL, "--d-model", "48", "--routers", "self_supervised,self_supervised_pretrained",
+                             "--out-dir", str(tmp_path)])
+    built, pretrained = results
+    assert built.params == 48 * 64 + 64 + 64 * 64 + 64 + 8 * 64  # the documented count
+    assert pretrained.params == 8 * 64  # trainable ones: the pre-trained extractor is frozen, the head is not
+    # Pre-training changed the routing (the same seed builds the same scorer; only pre-training differs).
+    assert built.entropy != pretrained.entropy and built.utilisation_E != pretrained.utilisation_E
+    # On states that are not the measured ones: another draw, or other stretches of the corpus.
+    x, _ = load_hidden_states("random", 2, 8, 16, 0, 0)
+    held, _ = load_hidden_states("random", 2, 8, 16, 0, 0, held_out=True)
+    assert not torch.equal(x, held)
+    measured, other = _corpus_chunks(16, 256), _corpus_chunks(16, 256, held_out=True)
+    assert not set(measured) & set(other) and all(not (a in b or b in a) for a in measured for b in other)
+    assert PRETRAINED == {"self_supervised_pretrained": 200}
+    with pytest.raises(ValueError, match="pretrain_TD"):
+        run_benchmark(torch.randn(4, 8), routers=["self_supervised_pretrained"])
+
+
 def test_metrics_match_their_definitions() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 16)
