@@ -347,3 +347,22 @@ def test_upcycle_from_a_dense_checkpoint_through_the_cli(monkeypatch: pytest.Mon
     expected = r"(?s)does not fit this model.*embed.weight is \[256, 64\] in the checkpoint, the model expects"
     with pytest.raises(ValueError, match=expected):
         wrong.upcycle(str(checkpoint))
+
+
+def test_the_self_supervised_router_trains_through_the_cli_its_loss_logged_and_scheduled(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"),
+                   "--config", str(CONFIGS / "routers/self_supervised.yaml"), "--trainer.callbacks", "null",
+                   "--trainer.callbacks+=lightning_moe.callbacks.ZLossScheduler",
+                   "--trainer.callbacks.balancer", "ssl_loss", "--trainer.callbacks.schedule", "0.05",
+                   "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false", "--model.d_model", "64", "--model.n_layers", "2"])
+    metrics = cli.trainer.callback_metrics
+    scorers = [layer.router.scorer for layer in cli.model.model.moe_layers()]
+    assert all(s.coeff == 0.05 for s in scorers)  # scheduled: the YAML's 0.01 replaced
+    expected = sum(0.05 * float(s.last_pretext_loss) for s in scorers)
+    assert float(metrics["train/ssl_loss"]) == pytest.approx(expected, rel=1e-5)
+    parts = ("train/lm_loss", "train/aux_loss", "train/z_loss", "train/ssl_loss")
+    assert float(metrics["train/loss"]) == pytest.approx(sum(float(metrics[k]) for k in parts), rel=1e-5)

@@ -68,8 +68,8 @@ class SelfSupervisedScorer(Scorer):
     ``g_φ`` is ``depth`` linear layers of width H with ``activation`` between them (``depth=1`` is one
     linear map); its features are centred (with ``center_input``, as :class:`MLPScorer`'s) and mapped to
     one logit per expert by the routing head ``W_r`` (no bias). In training, while the extractor is not
-    frozen (and ``coeff > 0``; at 0 the loss is a 0 not computed), every forward also computes the pretext loss (module docstring) on
-    ``num_anchors`` tokens drawn at random from the batch, two dropout views of each (rate
+    frozen, every forward also computes the pretext loss (module docstring; with ``coeff`` 0 it brings a
+    0 without computing it) on ``num_anchors`` tokens drawn at random from the batch, two dropout views of each (rate
     ``view_dropout``), and brings ``coeff * loss`` as the auxiliary loss ``loss_name``: the layer adds
     it to its balancers' losses, so it is logged as ``train/<loss_name>`` (summed over layers), added
     to the training loss, and scheduled by ``ZLossScheduler(balancer=<loss_name>)``. With
