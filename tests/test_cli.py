@@ -123,8 +123,8 @@ def test_every_callback_config_trains_through_the_cli(monkeypatch: pytest.Monkey
     from lightning_moe import callbacks
 
     monkeypatch.chdir(tmp_path)
-    assert {p.stem for p in CALLBACKS} == {"bias_offset_updater", "dead_expert_detector", "routing_entropy_logger",
-                                          "zloss_scheduler"}
+    assert {p.stem for p in CALLBACKS} == {"bias_offset_updater", "dead_expert_detector", "routing_drift_monitor",
+                                          "routing_entropy_logger", "zloss_scheduler"}
     in_tiny = {c["class_path"] for c in yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["trainer"]["callbacks"]}
     assert {"lightning_moe.callbacks.RoutingMonitor", "lightning_moe.callbacks.DeadExpertDetector"} <= in_tiny
     cli = run_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"),

@@ -168,6 +168,9 @@ class HFMoEView(MoELayerView):
             rows.append(bias)
         return rows
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.gate.parameters())
+
     def expert_tensors(self) -> list[Tensor]:
         if not self.fused:
             return []
@@ -384,8 +387,16 @@ def _parse_gate_output(output: Any, num_experts: int) -> tuple[Tensor | None, Te
 
 
 def _stats_from(scores_TE: Tensor, indices_TK: Tensor, num_experts: int) -> RoutingStats:
-    """``RoutingStats.from_routing`` without its ``bincount`` (which synchronises on CUDA)."""
+    """``RoutingStats.from_routing`` without its ``bincount`` (which synchronises on CUDA).
+
+    ``indices_TK`` holds each token's experts in token-major order (``T * K`` of them), so the
+    assignments' tokens are ``0, 0, ..., 1, 1, ...``, ``K`` each.
+    """
+    num_tokens = scores_TE.shape[0]
     expert_A = indices_TK.reshape(-1).long()
+    per_token = expert_A.numel() // max(num_tokens, 1)
+    # expand + reshape, not repeat_interleave (which reads its output size from the device).
+    token_A = torch.arange(num_tokens, device=expert_A.device)[:, None].expand(num_tokens, per_token).reshape(-1)
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_A.device)
     counts_E.scatter_add_(0, expert_A, torch.ones_like(expert_A))
     entropy_T = -torch.special.xlogy(scores_TE, scores_TE).sum(dim=-1)
@@ -394,5 +405,7 @@ def _stats_from(scores_TE: Tensor, indices_TK: Tensor, num_experts: int) -> Rout
         mean_score_E=scores_TE.mean(dim=0),
         entropy=entropy_T.mean(),
         num_dropped=torch.zeros((), dtype=torch.long, device=scores_TE.device),
-        num_tokens=scores_TE.shape[0],
+        num_tokens=num_tokens,
+        token_A=token_A,
+        expert_A=expert_A,
     )

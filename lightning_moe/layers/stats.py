@@ -23,6 +23,9 @@ class RoutingStats:
         entropy: mean over tokens of the entropy (nats) of each token's score distribution.
         num_dropped: int64 assignments removed by capacity (0 when dropless).
         num_tokens: tokens routed (T).
+        token_A: int64 token index of each kept assignment, or ``None`` where the layer did not
+            record them; the routing's own tensor, detached (not a copy).
+        expert_A: int64 expert index of each kept assignment (``None`` with ``token_A``).
     """
 
     tokens_per_expert_E: Tensor
@@ -30,6 +33,8 @@ class RoutingStats:
     entropy: Tensor
     num_dropped: Tensor
     num_tokens: int
+    token_A: Tensor | None = None
+    expert_A: Tensor | None = None
 
     @classmethod
     @torch.no_grad()
@@ -44,6 +49,8 @@ class RoutingStats:
             entropy=entropy_T.mean(),
             num_dropped=torch.as_tensor(routing.num_dropped, device=device, dtype=torch.long).detach(),
             num_tokens=routing.num_tokens,
+            token_A=routing.token_A.detach(),
+            expert_A=routing.expert_A.detach(),
         )
 
     @property
@@ -57,3 +64,16 @@ class RoutingStats:
         """Share of kept assignments per expert (sums to 1)."""
         counts_E = self.tokens_per_expert_E.float()
         return counts_E / counts_E.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def expert_mask_TE(self) -> Tensor | None:
+        """``(T, E)`` bool: ``True`` where the token reached the expert (a kept assignment); ``None``
+        without ``token_A``/``expert_A``. Each token's expert set: ``K`` experts under top-k, any number
+        (zero included) under expert choice or capacity drops. Built on the tensors' device with no
+        host-device synchronisation."""
+        if self.token_A is None or self.expert_A is None:
+            return None
+        mask_TE = torch.zeros(self.num_tokens, self.tokens_per_expert_E.numel(), dtype=torch.bool,
+                              device=self.expert_A.device)
+        mask_TE[self.token_A, self.expert_A] = True
+        return mask_TE

@@ -89,6 +89,11 @@ class MoELayerView:
         """Router parameters whose first dimension indexes experts."""
         return []
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the layer's router (what ``RoutingDriftMonitor(action="freeze")`` freezes);
+        by default those of its :meth:`router_rows`."""
+        return [p for p in self.router_rows() if isinstance(p, nn.Parameter)]
+
     @torch.no_grad()
     def revive(self, dead: Sequence[int], sources: Sequence[int], noise: float,
                generator: torch.Generator | None = None) -> list[tuple[Tensor, list[int] | None]]:
@@ -179,6 +184,9 @@ class RecorderView(MoELayerView):
     def router_rows(self) -> list[Tensor]:
         scorer = getattr(self.router, "scorer", None)
         return scorer.expert_rows() if scorer is not None else []
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.router.parameters())
 
     def expert_tensors(self) -> list[Tensor]:
         # Grouped expert weights whose dim 0 indexes experts (SwiGLU: w_gate, w_up, w_out; MLP experts
