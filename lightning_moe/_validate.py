@@ -44,6 +44,21 @@ def check_non_negative_int(name: str, value: int) -> int:
     return value
 
 
+def check_bool(name: str, value: bool) -> bool:
+    """Raise ``ValueError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def check_prefix(name: str, value: str) -> str:
+    """Raise ``ValueError`` unless ``value`` is a non-empty string without leading or trailing ``/`` (a
+    name prefix of logged metrics)."""
+    if not isinstance(value, str) or not value or value.strip("/") != value:
+        raise ValueError(f"`{name}` must be a non-empty string without leading or trailing '/', got {value!r}.")
+    return value
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of ``n`` >= 1, ascending: the valid values that error messages list."""
     return [d for d in range(1, n + 1) if n % d == 0]

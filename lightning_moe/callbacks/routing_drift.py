@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe._validate import check_non_negative_int, check_positive_int
+from lightning_moe._validate import check_bool, check_non_negative_int, check_positive_int, check_prefix
 from lightning_moe.callbacks._utils import discover
 from lightning_moe.callbacks.heatmap import HEATMAP_DPI, HEATMAP_MARGINS_PX, heatmap_size_px
 from lightning_moe.discovery import MoELayerView
@@ -207,12 +207,8 @@ class RoutingDriftMonitor(Callback):
         if action not in DRIFT_ACTIONS:
             raise ValueError(f"`action` must be one of {DRIFT_ACTIONS}, got {action!r}.")
         self.action = action
-        if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
-            raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
-        self.prefix = prefix
-        if not isinstance(per_layer, bool):
-            raise ValueError(f"`per_layer` must be a bool, got {per_layer!r}.")
-        self.per_layer = per_layer
+        self.prefix = check_prefix("prefix", prefix)
+        self.per_layer = check_bool("per_layer", per_layer)
         self.image_every_n_measurements = check_non_negative_int("image_every_n_measurements",
                                                                  image_every_n_measurements)
         if forward_fn is not None and not callable(forward_fn):

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe._validate import check_non_negative_int
+from lightning_moe._validate import check_bool, check_non_negative_int, check_prefix
 from lightning_moe.callbacks._utils import adopt_former_state, discover
 from lightning_moe.callbacks.heatmap import load_heatmap
 from lightning_moe.discovery import MoELayerView
@@ -177,19 +177,11 @@ class RoutingMonitor(Callback):
         collapse_token_entropy: float = 0.0,
         collapse_warmup_steps: int = 0,
     ) -> None:
-        if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
-            raise ValueError(f"`prefix` must be a non-empty string without leading or trailing '/', got {prefix!r}.")
-        self.prefix = prefix
-        if not isinstance(per_layer, bool):
-            raise ValueError(f"`per_layer` must be a bool, got {per_layer!r}.")
-        self.per_layer = per_layer
-        if not isinstance(log_validation, bool):
-            raise ValueError(f"`log_validation` must be a bool, got {log_validation!r}.")
-        self.log_validation = log_validation
+        self.prefix = check_prefix("prefix", prefix)
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.log_validation = check_bool("log_validation", log_validation)
         self.image_every_n_steps = check_non_negative_int("image_every_n_steps", image_every_n_steps)
-        if not isinstance(collapse_alert, bool):
-            raise ValueError(f"`collapse_alert` must be a bool, got {collapse_alert!r}.")
-        self.collapse_alert = collapse_alert
+        self.collapse_alert = check_bool("collapse_alert", collapse_alert)
         if collapse_token_fraction is not None and not _is_number_in(collapse_token_fraction, 0.0, 1.0, open_low=True):
             raise ValueError(
                 f"`collapse_token_fraction` must be a number in (0, 1] or None, got {collapse_token_fraction!r}."

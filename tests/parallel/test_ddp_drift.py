@@ -1,30 +1,13 @@
 """RoutingDriftMonitor under real 2-process DDP on CPU (gloo): one probe, identical measurements, a freeze."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ddp_launch import run_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp_drift")
-    worker = Path(__file__).with_name("ddp_drift_worker.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    result = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=600,
-                            env=env, cwd=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks("ddp_drift_worker.py", tmp_path_factory.mktemp("ddp_drift"))
 
 
 @pytest.mark.distributed
