@@ -26,6 +26,7 @@ from lightning_moe.module import (
     log_sizes_once,
     log_training_losses,
 )
+from lightning_moe.routing.self_supervised import SelfSupervisedScorer
 
 TRAIN_MODES = ("all", "routers", "lora")
 
@@ -116,6 +117,9 @@ class HFMoEFineTune(L.LightningModule):
         if train != "all":  # peft froze every base parameter for "lora"
             for module in routers:
                 module.requires_grad_(True)
+                for scorer in module.modules():  # a frozen pre-trained extractor stays frozen
+                    if isinstance(scorer, SelfSupervisedScorer) and scorer.frozen:
+                        scorer.freeze_extractor()
         self.model = hf_model.train()  # from_pretrained returns the model in eval mode
 
     # -- steps ----------------------------------------------------------------------------------

@@ -89,7 +89,10 @@ ROUTERS: dict[str, RouterBuilder] = {
 
 PRETRAINED: dict[str, int] = {"self_supervised_pretrained": 200}
 """Rows whose scorer's extractor is pre-trained (``SelfSupervisedScorer.pretrain``, that many steps) on hidden
-states other than the measured ones before it is measured."""
+states other than the measured ones before it is measured (which also sets the running means it centres on)."""
+CALIBRATED = ("self_supervised",)
+"""Rows whose scorer centres on the same held-out states' means as the pre-trained row when it is measured
+(``SelfSupervisedScorer.calibrate_centering``), so the two differ by the pre-training alone."""
 
 
 @dataclass
@@ -165,6 +168,19 @@ def measure_router(
     )
 
 
+def prepared_router(name: str, d_model: int, num_experts: int, top_k: int, seed: int,
+                    pretrain_TD: Tensor | None = None) -> Router:
+    """Router ``name`` as the benchmark measures it: built from ``seed``; a :data:`PRETRAINED` row's extractor
+    pre-trained on ``pretrain_TD``, a :data:`CALIBRATED` row centred on its means."""
+    torch.manual_seed(seed)
+    router = ROUTERS[name](d_model, num_experts, top_k)
+    if name in PRETRAINED:
+        router.scorer.pretrain(pretrain_TD, steps=PRETRAINED[name], seed=seed, progress=False)
+    elif name in CALIBRATED and pretrain_TD is not None:  # centred as the pre-trained row: only pre-training differs
+        router.scorer.calibrate_centering(pretrain_TD)
+    return router
+
+
 def run_benchmark(
     x_TD: Tensor,
     token_ids_T: Tensor | None = None,
@@ -197,10 +213,7 @@ def run_benchmark(
         iterator = tqdm(names, desc="routers", unit="router")
     results = []
     for name in iterator:
-        torch.manual_seed(seed)
-        router = ROUTERS[name](d_model, num_experts, top_k)
-        if name in PRETRAINED:
-            router.scorer.pretrain(pretrain_TD, steps=PRETRAINED[name], seed=seed, progress=False)
+        router = prepared_router(name, d_model, num_experts, top_k, seed, pretrain_TD)
         results.append(measure_router(name, router, experts, x_TD, token_ids_T, top_k, runs, warmup))
     return results
 
@@ -418,7 +431,7 @@ def bench_routers(argv: list[str] | None = None) -> list[RouterResult]:
     x_TD, ids_T = load_hidden_states(args.hidden_states, args.batch, args.seq_len, args.d_model, args.layer,
                                      args.seed)
     pretrain_TD = None
-    if any(name in PRETRAINED for name in names):
+    if any(name in PRETRAINED or name in CALIBRATED for name in names):
         pretrain_TD = load_hidden_states(args.hidden_states, args.batch, args.seq_len, args.d_model, args.layer,
                                          args.seed, held_out=True)[0]
     results = run_benchmark(x_TD, ids_T, names, args.experts, args.top_k, args.expert_d_ff, args.runs, args.warmup,

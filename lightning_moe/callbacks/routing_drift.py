@@ -154,8 +154,9 @@ class RoutingDriftMonitor(Callback):
       decay and momentum included). ``requires_grad`` is left on, on purpose: DDP's reducer waits
       for a gradient of every parameter it was built with (it fails at the next step otherwise),
       and when the routers are all that trains (``HFMoEFineTune(train="routers")``) a loss without
-      any parameter requiring grad cannot be back-propagated. DeepSpeed and FSDP keep gradients of
-      their own, so ``freeze`` is refused there. Buffers are not parameters and keep moving: an
+      any parameter requiring grad cannot be back-propagated. DeepSpeed keeps gradients of its own,
+      so ``freeze`` is refused there; FSDP is refused for every action (the probe runs outside its
+      wrapper, on sharded parameters). Buffers are not parameters and keep moving: an
       expert bias that ``BiasOffsetUpdater`` updates, a centring scorer's running mean. Measuring
       goes on after a freeze: the layer's drift can still change, as the layers before it train.
 
@@ -263,7 +264,10 @@ class RoutingDriftMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.action == "freeze" and isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError("RoutingDriftMonitor runs its probe through the LightningModule itself, outside FSDP's "
+                             "wrapper, which would see sharded parameters: it does not support FSDPStrategy.")
+        if self.action == "freeze" and isinstance(trainer.strategy, DeepSpeedStrategy):
             raise ValueError(f"RoutingDriftMonitor(action='freeze') drops the frozen routers' gradients before a "
                              f"PyTorch optimizer steps; {type(trainer.strategy).__name__} keeps gradients of its own: "
                              "use action='warn' or 'raise' there.")

@@ -13,6 +13,7 @@ from lightning_moe.balancing.losses import Balancer
 from lightning_moe.callbacks._utils import discover
 from lightning_moe.callbacks.schedule import Schedule, as_schedule
 from lightning_moe.discovery import find_moe_layers
+from lightning_moe.routing import Router, Scorer
 
 
 class ZLossScheduler(Callback):
@@ -74,8 +75,9 @@ class ZLossScheduler(Callback):
         # those a model offers besides them (``scheduled_coefficients()``: MoETransformer's ``mtp_loss``); each has
         # a ``name`` and a ``coeff``.
         candidates = [b for view in views for b in (*view.balancers, *view.loss_weights)]
-        candidates += [c for m in pl_module.modules() if callable(getattr(m, "scheduled_coefficients", None))
-                       for c in m.scheduled_coefficients()]
+        candidates += [c for m in pl_module.modules()
+                       if callable(getattr(m, "scheduled_coefficients", None)) and not isinstance(m, (Router, Scorer))
+                       for c in m.scheduled_coefficients()]  # routers' and scorers' come through discovery
         targets: dict[int, Balancer] = {id(c): c for c in candidates if c.name == self.balancer}
         if not targets and not views:
             discover(pl_module, type(self).__name__)  # raises, naming what models and layers it supports

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.models.attention import RMSNorm
+from lightning_moe.routing.routing import LossWeight  # noqa: F401 - its home before routers had losses
 
 
 class MTPModule(nn.Module):

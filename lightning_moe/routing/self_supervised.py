@@ -31,6 +31,7 @@ ask for context-coherent routing instead, which the model's attention already mi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -44,6 +45,9 @@ from lightning_moe.routing.routing import LossWeight
 from lightning_moe.routing.scorers import _ACTIVATIONS, Scorer, _linear_init
 
 __all__ = ["SelfSupervisedScorer", "info_nce_loss"]
+
+#: Names the LightningModules log losses under already (``train/loss``, ``train/lm_loss``, ``train/mtp_loss``).
+_RESERVED_NAMES = frozenset({"loss", "lm_loss", "mtp_loss"})
 
 
 def info_nce_loss(anchor_NH: Tensor, positive_NH: Tensor, temperature: float) -> Tensor:
@@ -130,6 +134,9 @@ class SelfSupervisedScorer(Scorer):
         if num_anchors < 2:
             raise ValueError(f"`num_anchors` must be >= 2 (an anchor needs negatives), got {num_anchors}.")
         self.detach_input = bool(detach_input)
+        if isinstance(loss_name, str) and (loss_name in _RESERVED_NAMES or loss_name.startswith("mtp_loss")):
+            raise ValueError(f"`loss_name` must not be one of the model's own loss names ({sorted(_RESERVED_NAMES)}, "
+                             f"mtp_loss_<k>): they are logged as train/<name> already; got {loss_name!r}.")
         self.loss_weight = LossWeight(loss_name, check_non_negative("coeff", coeff))
         widths = [d_model] + [d_feature] * depth
         self.extractor = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
@@ -141,6 +148,7 @@ class SelfSupervisedScorer(Scorer):
         self.last_pretext_loss: Tensor | None = None
         """The unweighted pretext loss of the last forward that computed one (detached; for inspection)."""
         self._frozen = False  # mirrors the buffer, so the hot path never reads a device tensor
+        self._warned_no_grad = False
         if freeze_extractor:
             self.freeze_extractor()
 
@@ -178,7 +186,9 @@ class SelfSupervisedScorer(Scorer):
     @staticmethod
     def _apply_frozen(module: SelfSupervisedScorer, incompatible_keys: object) -> None:
         # A loaded checkpoint's frozen flag also freezes the parameters (requires_grad is not in a state dict).
-        module.freeze_extractor(bool(module.extractor_frozen))
+        # It only ever freezes: a parameter the caller froze some other way stays frozen.
+        if bool(module.extractor_frozen):
+            module.freeze_extractor()
 
     # -- features and logits ---------------------------------------------------------------------
 
@@ -201,13 +211,22 @@ class SelfSupervisedScorer(Scorer):
         if num_tokens < 2:
             return x_TD.new_zeros(()) + 0.0 * self.head_EH.sum()  # no negative to contrast with
         if num_tokens > self.num_anchors:
-            pick = torch.randperm(num_tokens, generator=generator, device="cpu")[: self.num_anchors]
+            if generator is None:  # drawn where the tokens are: no host-device copy on the training path
+                pick = torch.randperm(num_tokens, device=x_TD.device)[: self.num_anchors]
+            else:
+                pick = torch.randperm(num_tokens, generator=generator, device=generator.device)[: self.num_anchors]
             x_TD = x_TD[pick.to(x_TD.device)]
         views = [self.features(F.dropout(x_TD, self.view_dropout, training=True)) for _ in range(2)]
         return info_nce_loss(views[0], views[1], self.temperature)
 
     def logits(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
         self.aux_losses = {}
+        if self.training and not self._frozen and not torch.is_grad_enabled() and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                "SelfSupervisedScorer ran in training mode with gradients disabled, so it brought no pretext loss "
+                "(`ssl_loss`) for that forward. Expected for a probe under torch.no_grad(); under reentrant "
+                "activation checkpointing the loss is lost every step: use use_reentrant=False.", stacklevel=2)
         if self.training and torch.is_grad_enabled() and not self._frozen:
             if self.coeff > 0:
                 loss = self.pretext_loss(x_TD)
@@ -244,18 +263,10 @@ class SelfSupervisedScorer(Scorer):
         check_positive_int("steps", steps)
         check_positive_float("lr", lr)
         batch_size = self.num_anchors if batch_size is None else check_positive_int("batch_size", batch_size)
-        if hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"`hidden_states` must have last dimension d_model={self.d_model}, got shape "
-                             f"{tuple(hidden_states.shape)}.")
-        x_TD = hidden_states.detach().reshape(-1, self.d_model).to(self.head_EH.device, torch.float32)
-        if x_TD.shape[0] < 2:
-            raise ValueError(f"`hidden_states` must hold at least 2 tokens, got {x_TD.shape[0]}.")
+        x_TD = self._tokens(hidden_states)
         if self.centering is not None:
-            mean_D = x_TD.mean(dim=0)
-            with torch.no_grad():
-                self.centering.running_mean_D.copy_(mean_D)
-                self.centering.num_batches_tracked.clamp_(min=1)
-            x_TD = x_TD - mean_D
+            self._set_running_mean(self.centering, x_TD.mean(dim=0))
+            x_TD = x_TD - self.centering.running_mean_D
         self.freeze_extractor(False)
         optimizer = torch.optim.Adam(self.extractor_parameters(), lr=lr)
         generator = torch.Generator().manual_seed(seed)
@@ -270,13 +281,36 @@ class SelfSupervisedScorer(Scorer):
                 losses.append(float(loss.detach()))
         finally:
             self.num_anchors = saved
-        if self.feature_centering is not None:  # the features' mean for evaluation, from the trained extractor
-            with torch.no_grad():
-                self.feature_centering.running_mean_D.copy_(self.features(x_TD).mean(dim=0))
-                self.feature_centering.num_batches_tracked.clamp_(min=1)
+        self.calibrate_centering(hidden_states)  # the feature mean of the trained extractor
         if freeze:
             self.freeze_extractor()
         return losses
+
+    @torch.no_grad()
+    def calibrate_centering(self, hidden_states: Tensor) -> None:
+        """Set the running means that evaluation centres on (the input's and, through the current extractor,
+        the features') from ``hidden_states`` (``(..., D)``), as if training had seen only them.
+        :meth:`pretrain` ends with it. No-op without ``center_input``."""
+        if self.centering is None:
+            return
+        x_TD = self._tokens(hidden_states)
+        self._set_running_mean(self.centering, x_TD.mean(dim=0))
+        self._set_running_mean(self.feature_centering, self.features(x_TD - self.centering.running_mean_D).mean(dim=0))
+
+    def _tokens(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"`hidden_states` must have last dimension d_model={self.d_model}, got shape "
+                             f"{tuple(hidden_states.shape)}.")
+        x_TD = hidden_states.detach().reshape(-1, self.d_model).to(self.head_EH.device, torch.float32)
+        if x_TD.shape[0] < 2:
+            raise ValueError(f"`hidden_states` must hold at least 2 tokens, got {x_TD.shape[0]}.")
+        return x_TD
+
+    @staticmethod
+    @torch.no_grad()
+    def _set_running_mean(centering: InputCentering, mean_D: Tensor) -> None:
+        centering.running_mean_D.copy_(mean_D)
+        centering.num_batches_tracked.clamp_(min=1)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, d_feature={self.d_feature}, depth={self.depth}, "

@@ -47,15 +47,22 @@ def test_reports_for_every_router_on_random_states(tmp_path: Path, capsys: pytes
 
 
 def test_the_self_supervised_rows_and_pre_training_on_held_out_states(tmp_path: Path) -> None:
-    from lightning_moe.bench.routers import PRETRAINED, _corpus_chunks, load_hidden_states
+    from lightning_moe.bench.routers import PRETRAINED, _corpus_chunks, load_hidden_states, prepared_router
 
     results = bench_routers([*SMALL, "--d-model", "48", "--routers", "self_supervised,self_supervised_pretrained",
                              "--out-dir", str(tmp_path)])
     built, pretrained = results
     assert built.params == 48 * 64 + 64 + 64 * 64 + 64 + 8 * 64  # the documented count
     assert pretrained.params == 8 * 64  # trainable ones: the pre-trained extractor is frozen, the head is not
-    # Pre-training changed the routing (the same seed builds the same scorer; only pre-training differs).
-    assert built.entropy != pretrained.entropy and built.utilisation_E != pretrained.utilisation_E
+    # As measured: the same seed builds the same scorer, both centre on the held-out states' means, and only the
+    # pre-trained row's extractor was trained (then frozen).
+    held_TD = torch.randn(64, 16)
+    a, b = (prepared_router(n, 16, 8, 2, 0, held_TD).scorer for n in ("self_supervised", "self_supervised_pretrained"))
+    for centering in ("centering", "feature_centering"):
+        assert getattr(a, centering).num_batches_tracked == getattr(b, centering).num_batches_tracked == 1
+    torch.testing.assert_close(a.centering.running_mean_D, b.centering.running_mean_D)
+    assert torch.equal(a.head_EH, b.head_EH) and not b.extractor[0].weight.requires_grad
+    assert not any(torch.equal(p, q) for p, q in zip(a.extractor_parameters(), b.extractor_parameters(), strict=True))
     # On states that are not the measured ones: another draw, or other stretches of the corpus.
     x, _ = load_hidden_states("random", 2, 8, 16, 0, 0)
     held, _ = load_hidden_states("random", 2, 8, 16, 0, 0, held_out=True)

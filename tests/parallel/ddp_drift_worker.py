@@ -78,12 +78,14 @@ def main(out: Path) -> None:
         callbacks=[monitor, weights],
     )
     trainer.fit(model, datamodule=data)
+    own = monitor.measure(model)  # this rank's own measurement, no reduction over ranks
     state = monitor.state_dict()
     torch.save({
         "own_val": next(iter(data.val_dataloader()))["input_ids"][:PROBE_SIZE, :-1],
         "probe": monitor.probe_ids,
         "reference": state["reference"],
         "history": monitor.drift_history,
+        "own": [[d.changed_share, d.load_kl, d.entropy_change] for d in own],
         "steps": monitor.measurement_steps,
         "frozen": sorted(monitor.frozen_layers),
         "warned_at": monitor.warned_at,

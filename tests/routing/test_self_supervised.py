@@ -148,6 +148,14 @@ def test_pretrained_alone_on_real_hidden_states_the_loss_falls_then_the_extracto
     ids = next(iter(data.train_dataloader()))["input_ids"][:, :-1]
     model = MoETransformer(vocab_size=256, max_seq_len=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                            moe=MoEConfig(num_experts=4, expert_d_ff=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _, batch in zip(range(40), data.train_dataloader(), strict=False):  # a model that has learned something
+        ids_BN = batch["input_ids"]
+        loss = F.cross_entropy(model(ids_BN[:, :-1]).flatten(0, 1), ids_BN[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 4.0  # below the 5.5 of uniform bytes
     h_TD = router_inputs(model, ids)  # 1,024 real-text tokens
     scorer = SelfSupervisedScorer(32, 4, d_feature=16, num_anchors=128, view_dropout=0.2)
     head = scorer.head_EH.detach().clone()
@@ -169,6 +177,18 @@ def test_pretrained_alone_on_real_hidden_states_the_loss_falls_then_the_extracto
     torch.testing.assert_close(fresh(h_TD[:8]), scorer(h_TD[:8]))
     fresh.freeze_extractor(False)
     assert all(p.requires_grad for p in fresh.extractor_parameters())
+    # Loading a not-frozen extractor never unfreezes what the caller froze.
+    fresh.requires_grad_(False)
+    fresh.load_state_dict(SelfSupervisedScorer(32, 4, d_feature=16).state_dict())
+    assert not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_a_training_forward_without_grad_warns_once_that_it_brought_no_loss() -> None:
+    router = TopKRouter(16, 4, 2, scorer=SelfSupervisedScorer)
+    with torch.no_grad(), pytest.warns(UserWarning, match="use_reentrant=False") as caught:
+        router(torch.randn(8, 16))
+        router(torch.randn(8, 16))
+    assert len([w for w in caught if "gradients disabled" in str(w.message)]) == 1
 
 
 def test_built_frozen() -> None:
@@ -181,6 +201,7 @@ def test_built_frozen() -> None:
     ({"d_feature": 0}, "d_feature"), ({"depth": 0}, "depth"), ({"activation": "tanhh"}, "activation"),
     ({"temperature": 0.0}, "temperature"), ({"coeff": -1.0}, "coeff"), ({"view_dropout": 0.0}, "view_dropout"),
     ({"view_dropout": 1.0}, "view_dropout"), ({"num_anchors": 1}, "num_anchors"), ({"loss_name": ""}, "name"),
+    ({"loss_name": "lm_loss"}, "loss_name"), ({"loss_name": "mtp_loss_1"}, "loss_name"),
 ])
 def test_bad_arguments_name_themselves(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -243,3 +264,11 @@ def test_swapped_into_a_hugging_face_block_the_loss_reaches_the_total() -> None:
     assert set(aux) == {"aux_loss", "ssl_loss"} and aux["ssl_loss"].requires_grad
     views = find_moe_layers(module)
     assert len(views) == 2 and all([w.name for w in v.loss_weights] == ["ssl_loss"] for v in views)
+
+    # train="routers" makes the routers trainable, but a frozen pre-trained extractor stays frozen.
+    frozen = functools.partial(TopKRouter, top_k=2, scorer=partial(SelfSupervisedScorer, d_feature=8,
+                                                                   freeze_extractor=True))
+    module = HFMoEFineTune(config=config, train="routers", moe=MoEConfig(router=frozen))
+    scorers = [m for m in module.modules() if isinstance(m, SelfSupervisedScorer)]
+    assert len(scorers) == 2 and all(s.frozen and s.head_EH.requires_grad for s in scorers)
+    assert not any(p.requires_grad for s in scorers for p in s.extractor_parameters())
