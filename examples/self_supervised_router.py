@@ -10,7 +10,7 @@ negatives), which the scorer brings as its router's own auxiliary loss ``ssl_los
 
 1. Trained together: a tiny MoE language model on the built-in corpus; the pretext loss is logged as
    ``train/ssl_loss``, added to the training loss, and warmed up by ``ZLossScheduler`` like a balancer.
-2. Pre-trained alone: each layer's router inputs are collected from that model (a forward pre-hook),
+2. Pre-trained alone: each layer's router inputs are collected from that model (``router_inputs``),
    every extractor is pre-trained on them (``scorer.pretrain``) and frozen; training goes on with the
    routing heads learning and the extractors fixed.
 """
@@ -53,20 +53,6 @@ def trainer(steps: int, log_dir: Path, name: str, callbacks: list) -> L.Trainer:
                      devices=1, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
 
 
-def router_inputs(model: MoELanguageModel, ids_BS: torch.Tensor) -> list[torch.Tensor]:
-    """The hidden states entering each MoE layer on ``ids_BS``, ``(T, D)`` per layer."""
-    captured: list[torch.Tensor] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(0, -2)))
-             for layer in model.model.moe_layers()]
-    model.eval()
-    with torch.no_grad():
-        model(ids_BS)
-    model.train()
-    for hook in hooks:
-        hook.remove()
-    return captured
-
-
 def main(steps: int, log_dir: Path) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     L.seed_everything(0)
@@ -97,7 +83,8 @@ def main(steps: int, log_dir: Path) -> None:
     held_out = torch.cat([batch["input_ids"][:, :-1] for _, batch in zip(range(4), data.val_dataloader(),
                                                                              strict=False)])
     print("2. pre-trained alone on each layer's router inputs (held-out text), then frozen:")
-    for i, (layer, h_TD) in enumerate(zip(model.model.moe_layers(), router_inputs(model, held_out), strict=True)):
+    layers = model.model.moe_layers(include_mtp=False)
+    for i, (layer, h_TD) in enumerate(zip(layers, model.model.router_inputs(held_out), strict=True)):
         losses = layer.router.scorer.pretrain(h_TD, steps=100, lr=1e-3, progress=False)
         print(f"   layer {i}: {h_TD.shape[0]} tokens, pretext loss {losses[0]:.3f} -> {losses[-1]:.3f} in 100 steps; "
               f"frozen: {layer.router.scorer.frozen}")

@@ -301,11 +301,7 @@ def checkpoint_hidden_states(path: Path, batch: int, seq_len: int, layer: int, h
     seq_len = min(seq_len, module.model.max_seq_len)
     tokenizer = ByteTokenizer()
     ids_BS = torch.tensor([tokenizer.encode(chunk)[:seq_len] for chunk in _corpus_chunks(batch, seq_len, held_out)])
-    captured: list[Tensor] = []
-    handle = moe_layers[layer].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    module.model(ids_BS)
-    handle.remove()
-    return captured[0].reshape(-1, captured[0].shape[-1]).float(), ids_BS.reshape(-1)
+    return module.model.router_inputs(ids_BS)[layer].float(), ids_BS.reshape(-1)
 
 
 def load_hidden_states(source: str, batch: int, seq_len: int, d_model: int, layer: int, seed: int,

@@ -191,6 +191,25 @@ class MoETransformer(nn.Module):
         modules = self.modules() if include_mtp else (m for block in self.blocks for m in block.modules())
         return [m for m in modules if isinstance(m, MoELayer)]
 
+    @torch.no_grad()
+    def router_inputs(self, ids_BS: Tensor) -> list[Tensor]:
+        """The hidden states entering each MoE layer of :meth:`forward` on token ids ``ids_BS``, ``(B*S, D)``
+        per layer (detached), in evaluation mode: what a router sees, e.g. to pre-train a
+        :class:`~lightning_moe.routing.SelfSupervisedScorer` (``scorer.pretrain(inputs[i])``). The training
+        mode is restored afterwards."""
+        captured: list[Tensor] = []
+        hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(0, -2)))
+                 for layer in self.moe_layers(include_mtp=False)]
+        was_training = self.training
+        try:
+            self.eval()
+            self(ids_BS)
+        finally:
+            self.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return captured
+
     def mtp_modules(self) -> list[MTPModule]:
         """The MTP modules, depth 1 first (``[]`` without)."""
         return list(self.mtp) if "mtp" in self._modules else []

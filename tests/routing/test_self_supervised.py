@@ -131,16 +131,6 @@ def test_a_router_loss_named_like_a_balancer_is_refused() -> None:
         layer(torch.randn(8, 16))
 
 
-def router_inputs(model: MoETransformer, ids_BS: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering the first MoE layer on ``ids_BS`` (a forward pre-hook)."""
-    captured = []
-    handle = model.moe_layers()[0].register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-    with torch.no_grad():
-        model(ids_BS)
-    handle.remove()
-    return captured[0].reshape(-1, captured[0].shape[-1])
-
-
 def test_pretrained_alone_on_real_hidden_states_the_loss_falls_then_the_extractor_is_frozen() -> None:
     torch.manual_seed(0)
     data = TextDataModule(seq_len=64, batch_size=16, corpus="pydoc")
@@ -156,7 +146,10 @@ def test_pretrained_alone_on_real_hidden_states_the_loss_falls_then_the_extracto
         loss.backward()
         optimizer.step()
     assert loss.item() < 4.0  # below the 5.5 of uniform bytes
-    h_TD = router_inputs(model, ids)  # 1,024 real-text tokens
+    model.train()
+    inputs = model.router_inputs(ids)  # 1,024 real-text tokens per layer
+    assert model.training and [h.shape for h in inputs] == [(1024, 32)] * 2
+    h_TD = inputs[0]
     scorer = SelfSupervisedScorer(32, 4, d_feature=16, num_anchors=128, view_dropout=0.2)
     head = scorer.head_EH.detach().clone()
     losses = scorer.pretrain(h_TD, steps=80, lr=3e-3, progress=False)
