@@ -54,10 +54,11 @@ class InputCentering(nn.Module):
             return x_TD - self.running_mean_D.to(x_TD.dtype)
         mean_D = _global_mean(x_TD.detach())
         with torch.no_grad():
-            if self.num_batches_tracked == 0:
-                self.running_mean_D.copy_(mean_D)
-            else:
-                self.running_mean_D.lerp_(mean_D.to(self.running_mean_D.dtype), 1.0 - self.MOMENTUM)
+            # The first batch sets the running mean, later ones move it; branchless, so no host-device sync
+            # (and no graph break under torch.compile) reads the counter.
+            mean_D = mean_D.to(self.running_mean_D.dtype)
+            moved_D = torch.lerp(self.running_mean_D, mean_D, 1.0 - self.MOMENTUM)
+            self.running_mean_D.copy_(torch.where(self.num_batches_tracked == 0, mean_D, moved_D))
             self.num_batches_tracked += 1
         return x_TD - mean_D
 

@@ -150,3 +150,15 @@ def test_every_learned_router_config_starts_balanced(fragment: str, text_batch: 
         model.model(text_batch)
     fractions = _max_token_fraction(model, text_batch)
     assert max(fractions) < 0.65, fractions
+
+
+def test_centring_compiles_as_one_graph_and_equals_eager() -> None:
+    # Branchless first-batch update: no data-dependent branch (a host sync on CUDA, a graph break here).
+    torch.manual_seed(0)
+    eager, compiled = InputCentering(8), InputCentering(8)
+    run = torch.compile(compiled, fullgraph=True, backend="inductor")
+    for _ in range(3):
+        x = torch.randn(16, 8) + 3.0
+        torch.testing.assert_close(run(x), eager(x))
+    torch.testing.assert_close(compiled.running_mean_D, eager.running_mean_D)
+    assert int(compiled.num_batches_tracked) == int(eager.num_batches_tracked) == 3
