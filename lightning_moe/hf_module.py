@@ -26,7 +26,6 @@ from lightning_moe.module import (
     log_sizes_once,
     log_training_losses,
 )
-from lightning_moe.routing.self_supervised import SelfSupervisedScorer
 
 TRAIN_MODES = ("all", "routers", "lora")
 
@@ -109,17 +108,15 @@ class HFMoEFineTune(L.LightningModule):
         if self.swapped:
             swap_routers(hf_model, moe.router, moe.layer_balancers(), init_from_gate=init_from_gate,
                          capacity=moe.capacity)
-        routers = _router_modules(hf_model)
+        # The routers train as they were built: a part built frozen (a pre-trained extractor) stays frozen.
+        router_params = [(p, p.requires_grad) for module in _router_modules(hf_model) for p in module.parameters()]
         if train == "lora":
             hf_model = _with_lora(hf_model, list(lora_target_modules), lora_r, lora_alpha, lora_dropout)
         if train == "routers":
             hf_model.requires_grad_(False)
         if train != "all":  # peft froze every base parameter for "lora"
-            for module in routers:
-                module.requires_grad_(True)
-                for scorer in module.modules():  # a frozen pre-trained extractor stays frozen
-                    if isinstance(scorer, SelfSupervisedScorer) and scorer.frozen:
-                        scorer.freeze_extractor()
+            for param, trainable in router_params:
+                param.requires_grad_(trainable)
         self.model = hf_model.train()  # from_pretrained returns the model in eval mode
 
     # -- steps ----------------------------------------------------------------------------------

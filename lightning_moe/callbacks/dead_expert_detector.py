@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe._validate import check_non_negative, check_positive_int
+from lightning_moe._validate import check_choice, check_non_negative, check_positive_int
 from lightning_moe.callbacks._utils import adopt_former_state, discover, reduce_sum
 from lightning_moe.discovery import MoELayerView
 
@@ -69,9 +69,7 @@ class DeadExpertDetector(Callback):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
             raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}.")
         self.threshold = float(threshold)
-        if action not in DEAD_ACTIONS:
-            raise ValueError(f"`action` must be one of {DEAD_ACTIONS}, got {action!r}.")
-        self.action = action
+        self.action = check_choice("action", action, DEAD_ACTIONS)
         self.noise = check_non_negative("noise", noise)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe._validate import check_bool, check_non_negative_int, check_positive_int, check_prefix
+from lightning_moe._validate import check_bool, check_choice, check_non_negative_int, check_positive_int, check_prefix
 from lightning_moe.callbacks._utils import discover
 from lightning_moe.callbacks.heatmap import HEATMAP_DPI, HEATMAP_MARGINS_PX, heatmap_size_px
 from lightning_moe.discovery import MoELayerView
@@ -205,9 +205,7 @@ class RoutingDriftMonitor(Callback):
         self.changed_share_threshold = _check_threshold("changed_share_threshold", changed_share_threshold, 1.0)
         self.load_kl_threshold = _check_threshold("load_kl_threshold", load_kl_threshold)
         self.entropy_change_threshold = _check_threshold("entropy_change_threshold", entropy_change_threshold)
-        if action not in DRIFT_ACTIONS:
-            raise ValueError(f"`action` must be one of {DRIFT_ACTIONS}, got {action!r}.")
-        self.action = action
+        self.action = check_choice("action", action, DRIFT_ACTIONS)
         self.prefix = check_prefix("prefix", prefix)
         self.per_layer = check_bool("per_layer", per_layer)
         self.image_every_n_measurements = check_non_negative_int("image_every_n_measurements",

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_positive_float, check_positive_int, check_token_ids
+from lightning_moe._validate import check_choice, check_positive_float, check_positive_int, check_token_ids
 from lightning_moe.routing.centering import InputCentering
 from lightning_moe.routing.routing import LossWeight
 
@@ -222,9 +222,7 @@ class MLPScorer(Scorer):
     ) -> None:
         super().__init__(d_model, num_experts, center_input)
         self.d_hidden = check_positive_int("d_hidden", d_hidden)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
-        self.activation = activation
+        self.activation = check_choice("activation", activation, sorted(_ACTIVATIONS))
         self.fc1 = nn.Linear(d_model, d_hidden)
         self.fc2 = nn.Linear(d_hidden, num_experts)
         # The non-linearity gives centred inputs a shared mean again (GELU >= -0.17): centre the

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe._validate import check_non_negative, check_positive_float, check_positive_int
+from lightning_moe._validate import check_choice, check_non_negative, check_positive_float, check_positive_int
 from lightning_moe.routing.centering import InputCentering
 from lightning_moe.routing.routing import LossWeight
 from lightning_moe.routing.scorers import _ACTIVATIONS, Scorer, _linear_init
@@ -122,9 +122,7 @@ class SelfSupervisedScorer(Scorer):
         super().__init__(d_model, num_experts, center_input)
         self.d_feature = check_positive_int("d_feature", d_feature)
         self.depth = check_positive_int("depth", depth)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
-        self.activation = activation
+        self.activation = check_choice("activation", activation, sorted(_ACTIVATIONS))
         self.temperature = check_positive_float("temperature", temperature)
         if not (isinstance(view_dropout, (int, float)) and 0.0 < view_dropout < 1.0):
             raise ValueError(f"`view_dropout` must be in (0, 1), got {view_dropout!r}: two views without dropout "
@@ -203,18 +201,21 @@ class SelfSupervisedScorer(Scorer):
                 z = act(z)
         return z
 
-    def pretext_loss(self, x_TD: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def pretext_loss(self, x_TD: Tensor, generator: torch.Generator | None = None,
+                     num_anchors: int | None = None) -> Tensor:
         """The unweighted InfoNCE loss on ``min(num_anchors, T)`` tokens of ``x_TD`` (centred hidden
-        states), each seen through two dropout masks. Random anchors (``generator`` for a fixed draw)."""
+        states; ``num_anchors`` defaults to this scorer's), each seen through two dropout masks. Random
+        anchors (``generator`` for a fixed draw)."""
         x_TD = x_TD.detach() if self.detach_input else x_TD
         num_tokens = x_TD.shape[0]
+        num_anchors = self.num_anchors if num_anchors is None else num_anchors
         if num_tokens < 2:
             return x_TD.new_zeros(()) + 0.0 * self.head_EH.sum()  # no negative to contrast with
-        if num_tokens > self.num_anchors:
+        if num_tokens > num_anchors:
             if generator is None:  # drawn where the tokens are: no host-device copy on the training path
-                pick = torch.randperm(num_tokens, device=x_TD.device)[: self.num_anchors]
+                pick = torch.randperm(num_tokens, device=x_TD.device)[:num_anchors]
             else:
-                pick = torch.randperm(num_tokens, generator=generator, device=generator.device)[: self.num_anchors]
+                pick = torch.randperm(num_tokens, generator=generator, device=generator.device)[:num_anchors]
             x_TD = x_TD[pick.to(x_TD.device)]
         views = [self.features(F.dropout(x_TD, self.view_dropout, training=True)) for _ in range(2)]
         return info_nce_loss(views[0], views[1], self.temperature)
@@ -253,8 +254,9 @@ class SelfSupervisedScorer(Scorer):
     ) -> list[float]:
         """Train the extractor alone on the pretext task; return the loss of every step.
 
-        ``hidden_states`` (``(..., D)``, e.g. a trained model's router inputs collected with a forward
-        pre-hook) are centred on their mean (which also becomes the centring's running mean, so
+        ``hidden_states`` (``(..., D)``, e.g. a trained model's router inputs:
+        :meth:`~lightning_moe.models.MoETransformer.router_inputs`) are centred
+        on their mean (which also becomes the centring's running mean, so
         evaluation centres them alike); each step draws ``batch_size`` of them (``num_anchors`` by
         default) with a generator seeded by ``seed`` and takes one Adam step (``lr``) on the extractor's
         parameters. The routing head is left alone. With ``freeze`` the extractor is frozen afterwards
@@ -264,24 +266,18 @@ class SelfSupervisedScorer(Scorer):
         check_positive_float("lr", lr)
         batch_size = self.num_anchors if batch_size is None else check_positive_int("batch_size", batch_size)
         x_TD = self._tokens(hidden_states)
-        if self.centering is not None:
-            self._set_running_mean(self.centering, x_TD.mean(dim=0))
-            x_TD = x_TD - self.centering.running_mean_D
+        centred_TD = x_TD - x_TD.mean(dim=0) if self.centering is not None else x_TD
         self.freeze_extractor(False)
         optimizer = torch.optim.Adam(self.extractor_parameters(), lr=lr)
         generator = torch.Generator().manual_seed(seed)
-        saved, self.num_anchors = self.num_anchors, max(2, batch_size)
         losses: list[float] = []
-        try:
-            for _ in _progress(range(steps), progress, "pretraining the router's extractor"):
-                loss = self.pretext_loss(x_TD, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-        finally:
-            self.num_anchors = saved
-        self.calibrate_centering(hidden_states)  # the feature mean of the trained extractor
+        for _ in _progress(range(steps), progress, "pretraining the router's extractor"):
+            loss = self.pretext_loss(centred_TD, generator, num_anchors=max(2, batch_size))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        self._calibrate(x_TD)  # the input's mean, and the feature mean of the trained extractor
         if freeze:
             self.freeze_extractor()
         return losses
@@ -291,9 +287,12 @@ class SelfSupervisedScorer(Scorer):
         """Set the running means that evaluation centres on (the input's and, through the current extractor,
         the features') from ``hidden_states`` (``(..., D)``), as if training had seen only them.
         :meth:`pretrain` ends with it. No-op without ``center_input``."""
+        self._calibrate(self._tokens(hidden_states))
+
+    @torch.no_grad()
+    def _calibrate(self, x_TD: Tensor) -> None:
         if self.centering is None:
             return
-        x_TD = self._tokens(hidden_states)
         self._set_running_mean(self.centering, x_TD.mean(dim=0))
         self._set_running_mean(self.feature_centering, self.features(x_TD - self.centering.running_mean_D).mean(dim=0))
 
