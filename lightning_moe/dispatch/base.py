@@ -53,6 +53,17 @@ class Plan:
         return self._host_counts
 
 
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` cast to the autocast dtype where autocast is on for their device (as ``F.linear``
+    would be): the expert GEMMs are custom ops, which autocast does not reach. The casts are
+    differentiable, so float32 weights still get float32 gradients."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 class Dispatcher:
     """Base class of dispatch backends; the steps here are plain PyTorch (sort, gather, scatter-add).
 

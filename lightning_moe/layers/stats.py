@@ -47,7 +47,10 @@ class RoutingStats:
             tokens_per_expert_E=routing.tokens_per_expert().detach(),
             mean_score_E=scores_TE.mean(dim=0),
             entropy=entropy_T.mean(),
-            num_dropped=torch.as_tensor(routing.num_dropped, device=device, dtype=torch.long).detach(),
+            # A Python int becomes a filled tensor (a kernel), not a host-to-device copy.
+            num_dropped=(routing.num_dropped.detach().to(device=device, dtype=torch.long)
+                         if isinstance(routing.num_dropped, Tensor)
+                         else torch.full((), routing.num_dropped, device=device, dtype=torch.long)),
             num_tokens=routing.num_tokens,
             token_A=routing.token_A.detach(),
             expert_A=routing.expert_A.detach(),

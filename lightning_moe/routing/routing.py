@@ -80,7 +80,10 @@ class Routing:
         Dispatch, the balancing losses and the statistics all read it; it is counted once.
         """
         if self._tokens_per_expert_E is None:
-            self._tokens_per_expert_E = torch.bincount(self.expert_A, minlength=self.num_experts)
+            # A scatter-add rather than bincount, whose output length depends on the values: no
+            # host sync on CUDA, no graph break under torch.compile.
+            counts_E = self.expert_A.new_zeros(self.num_experts)
+            self._tokens_per_expert_E = counts_E.scatter_add_(0, self.expert_A, torch.ones_like(self.expert_A))
         return self._tokens_per_expert_E
 
 

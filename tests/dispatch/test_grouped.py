@@ -1,0 +1,190 @@
+"""The ``grouped`` custom op itself: experts split over worker threads or run one at a time give the
+``loop`` reference's outputs and gradients; the worker pool survives ``fork``; a whole transformer
+block compiles as one graph with inductor and equals eager."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lightning_moe.balancing import SwitchAuxLoss, ZLoss
+from lightning_moe.dispatch import grouped, grouped_swiglu
+from lightning_moe.experts import SwiGLUExperts
+from lightning_moe.layers import MoEConfig, MoELayer
+from lightning_moe.models import MoETransformer
+from lightning_moe.routing import TopKRouter
+
+
+@pytest.fixture
+def threads():
+    """Run the test with the given number of torch threads, restoring the old number after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def loop_reference(x_TD, weight_A, token_A, counts_E, w_gate, w_up, w_out):  # noqa: ANN001, ANN201
+    """Plain autograd: each expert on its sorted rows, gated, added to its tokens."""
+    y_TD = torch.zeros_like(x_TD)
+    start = 0
+    for expert, count in enumerate(counts_E.tolist()):
+        rows = slice(start, start + count)
+        x_nD = x_TD[token_A[rows]]
+        out_nD = (torch.nn.functional.silu(x_nD @ w_gate[expert]) * (x_nD @ w_up[expert])) @ w_out[expert]
+        y_TD = y_TD.index_add(0, token_A[rows], out_nD * weight_A[rows, None])
+        start += count
+    return y_TD
+
+
+def random_assignments(tokens: int, experts: int, top_k: int, empty: tuple[int, ...] = ()):  # noqa: ANN201
+    """Sorted (weight_A, token_A, counts_E): each token's top-k experts, never those in ``empty``."""
+    logits = torch.randn(tokens, experts)
+    logits[:, list(empty)] = -torch.inf
+    top = logits.topk(top_k, dim=1)
+    expert_A, token_A = top.indices.reshape(-1), torch.arange(tokens).repeat_interleave(top_k)
+    order = torch.argsort(expert_A, stable=True)
+    counts_E = torch.zeros(experts, dtype=torch.long).scatter_add_(0, expert_A, torch.ones_like(expert_A))
+    return torch.rand(tokens * top_k, dtype=torch.float64)[order], token_A[order], counts_E
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize(("tokens", "d_model", "d_ff", "experts", "top_k", "empty"), [
+    (37, 24, 40, 6, 2, ()), (64, 33, 17, 16, 4, (0, 5, 15)), (5, 7, 3, 9, 1, (1, 2, 3)), (50, 8, 12, 4, 1, (0, 1, 2)),
+])
+def test_matches_the_reference_split_over_workers_or_not(threads, monkeypatch, workers, tokens, d_model, d_ff,
+                                                         experts, top_k, empty) -> None:
+    threads(workers)
+    monkeypatch.setattr(grouped, "PARALLEL_MAX_ROWS", 10**9)  # split whenever there are several threads
+    torch.manual_seed(tokens + experts)
+    weight_A, token_A, counts_E = random_assignments(tokens, experts, top_k, empty)
+    expected_chunks = min(workers, int((counts_E > 0).sum()))
+    assert len(grouped._chunks(grouped._expert_slices(counts_E.tolist()), torch.device("cpu"))) == expected_chunks
+    leaves = [torch.randn(tokens, d_model, dtype=torch.float64), weight_A,
+              *(torch.randn(experts, *shape, dtype=torch.float64) / 4
+                for shape in ((d_model, d_ff), (d_model, d_ff), (d_ff, d_model)))]
+    grad_TD = torch.randn(tokens, d_model, dtype=torch.float64)
+    results = []
+    for function in (grouped_swiglu, loop_reference):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        x_TD, w_A, *weights = inputs
+        y_TD = function(x_TD, w_A, token_A, counts_E, *weights)
+        y_TD.backward(grad_TD)
+        results.append([y_TD.detach(), *(t.grad for t in inputs)])
+    for name, got, want in zip(["y", "x", "gates", "w_gate", "w_up", "w_out"], *results, strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+    for e in empty:  # experts without rows: exactly zero gradients
+        assert all(float(grad[e].abs().max()) == 0.0 for grad in results[0][3:]), e
+
+
+def test_no_rows_at_all() -> None:
+    # Every gate routed nowhere (all counts zero, A = 0): y is zero and so is every gradient.
+    x_TD = torch.randn(6, 5, requires_grad=True)
+    weights = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True),
+               torch.randn(3, 4, 5, requires_grad=True)]
+    empty = torch.zeros(0, dtype=torch.long)
+    y_TD = grouped_swiglu(x_TD, torch.zeros(0), empty, torch.zeros(3, dtype=torch.long), *weights)
+    y_TD.sum().backward()
+    assert float(y_TD.abs().max()) == 0.0 and float(x_TD.grad.abs().max()) == 0.0
+    assert all(float(w.grad.abs().max()) == 0.0 for w in weights)
+
+
+def test_large_experts_run_one_at_a_time(threads) -> None:
+    # Above PARALLEL_MAX_ROWS rows per expert each expert's matmuls get torch's own threads instead.
+    threads(2)
+    few = grouped._expert_slices([grouped.PARALLEL_MAX_ROWS] * 4)
+    many = grouped._expert_slices([grouped.PARALLEL_MAX_ROWS + 1] * 4)
+    assert len(grouped._chunks(few, torch.device("cpu"))) == 2
+    assert len(grouped._chunks(many, torch.device("cpu"))) == 1
+    assert len(grouped._chunks(few, torch.device("meta"))) == 1  # worker threads on CPU only
+
+
+def test_worker_threads_are_balanced_by_rows_and_contiguous(threads) -> None:
+    threads(2)
+    slices = grouped._expert_slices([10, 0, 30, 5, 5, 10, 20])
+    chunks = grouped._chunks(slices, torch.device("cpu"))
+    assert [[e for e, _ in c] for c in chunks] == [[0, 2], [3, 4, 5, 6]]  # 40 rows and 40 rows
+
+
+def test_the_worker_pool_survives_fork(threads) -> None:
+    # A pool made before fork has no threads in the child; the child must make its own, not hang.
+    threads(2)
+    script = textwrap.dedent("""
+        import os, torch
+        from lightning_moe.dispatch import grouped, grouped_swiglu
+        grouped.PARALLEL_MAX_ROWS = 10**9
+        torch.set_num_threads(2)
+        x = torch.randn(20, 6); w = [torch.randn(4, 6, 5), torch.randn(4, 6, 5), torch.randn(4, 5, 6)]
+        token_A = torch.arange(20); counts_E = torch.tensor([5, 5, 5, 5])
+        y = grouped_swiglu(x, torch.ones(20), token_A, counts_E, *w)   # the parent's pool exists now
+        assert grouped._pool is not None
+        pid = os.fork()
+        if pid == 0:
+            ok = torch.equal(grouped_swiglu(x, torch.ones(20), token_A, counts_E, *w), y)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_layer_with_mixed_dtypes_and_no_input_grad() -> None:
+    # Frozen input (no dx), bfloat16 tokens: the op still gives the weights' and router's gradients.
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 6, router=TopKRouter(16, 6, top_k=2))
+    ref = copy.deepcopy(layer)
+    ref.dispatcher = "loop"
+    x = torch.randn(30, 16)
+    layer(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert isinstance(layer.experts, SwiGLUExperts)
+
+
+def test_a_whole_block_compiles_as_one_graph_with_inductor_and_equals_eager() -> None:
+    # The dispatch custom op reads the expert counts inside itself: no graph break anywhere in the
+    # block (attention, router, balancers, routing statistics, grouped experts).
+    torch.manual_seed(0)
+    model = MoETransformer(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, d_ff=64,
+                           moe=MoEConfig(num_experts=4, expert_d_ff=32, balancers=[SwitchAuxLoss(0.01), ZLoss(0.001)]))
+    eager = model.blocks[0]
+    compiled = copy.deepcopy(eager)
+    run = torch.compile(compiled, fullgraph=True, backend="inductor")
+    for step in range(2):
+        x = torch.randn(2, 16, 32)
+        outputs = []
+        for block, call in ((eager, eager), (compiled, run)):
+            block.zero_grad(set_to_none=True)
+            x_in = x.clone().requires_grad_()
+            y = call(x_in)
+            (y.square().mean() + sum(block.ffn.aux_losses.values())).backward()
+            outputs.append((y.detach(), x_in.grad, dict(block.ffn.aux_losses), block.ffn.stats))
+        (y_e, dx_e, aux_e, stats_e), (y_c, dx_c, aux_c, stats_c) = outputs
+        torch.testing.assert_close(y_c, y_e, msg=f"step {step}")
+        torch.testing.assert_close(dx_c, dx_e)
+        assert aux_c.keys() == aux_e.keys() == {"aux_loss", "z_loss"}
+        for name in aux_e:
+            torch.testing.assert_close(aux_c[name].detach(), aux_e[name].detach())
+        assert torch.equal(stats_c.tokens_per_expert_E, stats_e.tokens_per_expert_E)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_autocast_reaches_the_experts() -> None:
+    # Under bfloat16 autocast the experts compute in bfloat16, as a dense F.linear would, and the
+    # float32 weights still get float32 gradients.
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, router=TopKRouter(16, 4, top_k=2))
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.experts.w_gate_EDF.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), layer(x).detach(), atol=0.05, rtol=0.05)
