@@ -3,11 +3,14 @@ combine); backends compute the same function, ``loop`` is the reference. A regis
 backends (:func:`register_dispatcher`)."""
 
 from lightning_moe.dispatch.base import Dispatcher, Plan
-from lightning_moe.dispatch.grouped import GroupedDispatcher, GroupedSwiGLU, grouped_dispatch
+from lightning_moe.dispatch.engines import ENGINES, clear_engine_choices, engine_choices, expert_swiglu
+from lightning_moe.dispatch.grouped import GroupedDispatcher, grouped_dispatch, grouped_swiglu
 from lightning_moe.dispatch.loop import LoopDispatcher, loop_dispatch
 from lightning_moe.dispatch.registry import DISPATCHERS, get_dispatcher, register_dispatcher
 from lightning_moe.dispatch.triton import TritonDispatcher, fallback_reason, triton_dispatch
 
-__all__ = ["DISPATCHERS", "Dispatcher", "GroupedDispatcher", "GroupedSwiGLU", "LoopDispatcher", "Plan",
-           "TritonDispatcher", "fallback_reason", "get_dispatcher", "grouped_dispatch", "loop_dispatch",
-           "register_dispatcher", "triton_dispatch"]
+__all__ = [
+    "DISPATCHERS", "ENGINES", "Dispatcher", "GroupedDispatcher", "LoopDispatcher", "Plan", "TritonDispatcher",
+    "clear_engine_choices", "engine_choices", "expert_swiglu", "fallback_reason", "get_dispatcher",
+    "grouped_dispatch", "grouped_swiglu", "loop_dispatch", "register_dispatcher", "triton_dispatch",
+]

@@ -7,20 +7,28 @@ Composing the same computation from autograd ops (``split``, per-expert ``@``, `
 graph node per expert matmul and allocates every intermediate and gradient piece by piece; with
 many small experts that overhead, not arithmetic, dominates. Here the forward and backward are
 written out once: each expert's matmuls write straight into slices of preallocated buffers
-(``torch.mm(..., out=)``) and each expert's whole chain (gather, gate and up, SwiGLU, down,
-scatter-add; in the backward the same in reverse) runs while its rows are in cache.
+(``torch.mm(..., out=)``) and the elementwise SwiGLU runs once over all rows between them.
 
 No ``(A, D)`` tensor is ever made (with K experts per token that is K times the input): each
 expert gathers its rows into one small reused buffer and adds its output straight into ``y_TD``.
-Fresh large CPU tensors cost page faults on first touch, which made those ``(A, D)`` passes dearer
-than the matmuls at fine granularity. Saved for backward: three ``(A, F)`` activations (gate and up
-pre-activations, gated ``h``); ``silu(gate)`` is recomputed per expert.
+Saved for backward: three ``(A, F)`` activations (gate and up pre-activations, gated ``h``).
 
-On CPU, small experts run in parallel: a matmul of a few dozen rows uses one core however many
-threads torch has, so with many experts of few rows each the experts are split into
-``torch.get_num_threads()`` contiguous chunks of about equal rows, one per worker thread (each with
-its own gather buffer and its own ``y``/``dx`` accumulator, summed at the end in a fixed order, so
-the result does not depend on timing). Large experts run one at a time on torch's own threads.
+Two things make many small experts fast on CPU:
+
+- *Worker threads.* A matmul of a few dozen rows runs on one core however many threads torch has.
+  When the experts are small (:data:`PARALLEL_MAX_ROWS`) they are split into
+  ``torch.get_num_threads()`` contiguous chunks of about equal rows, one per worker thread; torch
+  runs single-threaded meanwhile (so no thread starts a nested OpenMP team), and each worker
+  scatter-adds into its own ``y``/``dx`` accumulator, summed at the end in a fixed order. Larger
+  experts run one at a time on torch's own threads.
+- *Recycled buffers.* A fresh large CPU tensor is page-faulted on first touch (glibc maps
+  allocations this big afresh each time); at 256 experts faulting in the weight gradients cost as
+  much as the matmuls that fill them. So each layer keeps the storage of its large buffers (the
+  weight gradients, the saved activations, the accumulators) and writes into it again once
+  nothing else holds it: autograd made the gradient ``w.grad`` and ``zero_grad(set_to_none=True)``
+  dropped it, the backward freed the activations. While anything still holds one (``w.grad``
+  kept between steps, a reference the user kept, the layer called twice in one step) a fresh
+  tensor is made instead, so no value ever changes under anyone; the storage's use count decides.
 
 The forward and backward are the custom ops ``lightning_moe::grouped_swiglu_fwd`` and
 ``lightning_moe::grouped_swiglu_bwd``: the per-expert row counts (a tensor) become host ints inside
@@ -37,14 +45,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_moe.dispatch.base import Dispatcher, Plan, autocast_inputs
 from lightning_moe.experts.protocol import Experts, swiglu_weights
 from lightning_moe.routing.routing import Routing
 
-PARALLEL_MAX_ROWS = 256
+PARALLEL_MAX_ROWS = 128
 """Experts run in parallel worker threads (CPU) when their mean rows per expert is at most this;
 above it one expert's matmuls are large enough for torch's own threads."""
+
+RECYCLE_MIN_BYTES = 1 << 20
+"""CPU buffers of at least this size are recycled (see the module docstring)."""
 
 Slices = list[tuple[int, slice]]
 
@@ -74,6 +86,13 @@ def _chunks(slices: Slices, device: torch.device) -> list[Slices]:
     return [chunk for chunk in chunks if chunk]
 
 
+def _max_rows(chunk: Slices) -> int:
+    return max(rows.stop - rows.start for _, rows in chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker threads
+
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
@@ -89,11 +108,12 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def _init_worker() -> None:
-    # torch sets up its per-thread parallel state on a thread's first op; in a forked child that
-    # also rebuilds the thread pool inherited from the parent, which two threads doing at once can
-    # break ("Invalid thread pool!"), so the workers take turns.
+    # One thread each: a worker's own OpenMP setting, so its matmuls start no nested team (extra
+    # OpenMP threads make every team's waits slow, the main thread's included). torch sets up its
+    # per-thread state here; in a forked child that also rebuilds the thread pool inherited from
+    # the parent, which two threads doing at once can break ("Invalid thread pool!"): one at a time.
     with _pool_lock:
-        torch.get_num_threads()
+        torch.set_num_threads(1)
 
 
 def _run(chunks: list[Slices], work: Callable[[int, Slices], None]) -> None:
@@ -102,14 +122,59 @@ def _run(chunks: list[Slices], work: Callable[[int, Slices], None]) -> None:
         with torch.no_grad():
             work(0, chunks[0])
         return
-    futures = [_executor(len(chunks)).submit(_no_grad, work, i, chunk) for i, chunk in enumerate(chunks)]
-    for future in futures:
-        future.result()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' matmuls single-threaded too (the MKL setting is global)
+    try:
+        futures = [_executor(len(chunks)).submit(_no_grad, work, i, chunk) for i, chunk in enumerate(chunks)]
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _no_grad(work: Callable[[int, Slices], None], i: int, chunk: Slices) -> None:
     with torch.no_grad():  # grad mode is per thread: a worker's is on
         work(i, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recycled buffers
+
+_recycled: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner tensor -> {role: kept tensor}
+_recycle_lock = threading.Lock()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _buffer(owner: Tensor, role: str, shape: tuple[int, ...], like: Tensor, *, zero: bool = False) -> Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device, uninitialised unless ``zero``: the
+    storage ``owner`` kept for ``role`` if nothing else holds it now, else a fresh one."""
+    shape = tuple(shape)
+    fresh = torch.zeros if zero else torch.empty
+    if like.device.type != "cpu" or _storage_use_count is None or \
+            like.element_size() * torch.Size(shape).numel() < RECYCLE_MIN_BYTES:
+        return fresh(shape, dtype=like.dtype, device=like.device)
+    with _recycle_lock:
+        kept_by_role = _recycled.get(owner)
+        if kept_by_role is None:
+            kept_by_role = _recycled[owner] = {}
+        kept = kept_by_role.get(role)
+        if kept is None or kept.shape != shape or kept.dtype != like.dtype:
+            kept = kept_by_role[role] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        elif _storage_use_count(kept.untyped_storage()._cdata) > 2:  # `kept` and the temporary storage object
+            return fresh(shape, dtype=like.dtype, device=like.device)
+        buffer = kept.detach()  # a new tensor on the same storage: autograd makes a gradient w.grad without a copy
+    return buffer.zero_() if zero else buffer
+
+
+def _gradient(w: Tensor, role: str) -> Tensor:
+    """An uninitialised buffer for ``w``'s gradient (recycled where ``w`` is contiguous, so the
+    gradient has ``w``'s layout and autograd keeps it as it is)."""
+    return _buffer(w, role, w.shape, w) if w.is_contiguous() else torch.empty_like(w)
+
+
+def _accumulators(owner: Tensor, role: str, chunks: list[Slices], like: Tensor) -> list[Tensor]:
+    """One zeroed ``like``-shaped accumulator per chunk of experts."""
+    return [_buffer(owner, f"{role}{i}", like.shape, like, zero=True) for i in range(len(chunks))]
 
 
 def _sum_into_first(parts: list[Tensor]) -> Tensor:
@@ -118,9 +183,8 @@ def _sum_into_first(parts: list[Tensor]) -> Tensor:
     return parts[0]
 
 
-def _max_rows(chunk: Slices) -> int:
-    return max(rows.stop - rows.start for _, rows in chunk)
-
+# ---------------------------------------------------------------------------------------------
+# The custom ops
 
 @torch.library.custom_op("lightning_moe::grouped_swiglu_fwd", mutates_args=())
 def _grouped_swiglu_fwd(x_TD: Tensor, weight_A: Tensor, token_A: Tensor, counts_E: Tensor, w_gate_EDF: Tensor,
@@ -128,24 +192,28 @@ def _grouped_swiglu_fwd(x_TD: Tensor, weight_A: Tensor, token_A: Tensor, counts_
     """``(y_TD, g_AF, u_AF, hw_AF)``: the output and the activations the backward reads."""
     slices = _expert_slices(counts_E.tolist())
     chunks = _chunks(slices, x_TD.device)
-    g_AF = x_TD.new_empty(token_A.numel(), w_gate_EDF.shape[2])
-    u_AF, hw_AF = torch.empty_like(g_AF), torch.empty_like(g_AF)
-    w_A1 = weight_A.unsqueeze(1).to(g_AF.dtype)
-    y_parts = [torch.zeros_like(x_TD) for _ in chunks]
+    shape_AF = (token_A.numel(), w_gate_EDF.shape[2])
+    g_AF, u_AF, hw_AF = (_buffer(w_gate_EDF, role, shape_AF, x_TD) for role in ("g", "u", "hw"))
+    y_parts = _accumulators(w_gate_EDF, "y", chunks, x_TD)
 
-    def work(i: int, chunk: Slices) -> None:
+    def gate_and_up(_: int, chunk: Slices) -> None:
         buf_ND = x_TD.new_empty(_max_rows(chunk), x_TD.shape[1])  # one expert's rows, reused
         for expert, rows in chunk:
-            tokens_N, buf_nD = token_A[rows], buf_ND[: rows.stop - rows.start]
-            x_nD = torch.index_select(x_TD, 0, tokens_N, out=buf_nD)
-            g_nF = torch.mm(x_nD, w_gate_EDF[expert], out=g_AF[rows])
-            u_nF = torch.mm(x_nD, w_up_EDF[expert], out=u_AF[rows])
-            # The gate scales h (width F) rather than the expert output (width D): same product, less work.
-            hw_nF = torch.mul(F.silu(g_nF), u_nF, out=hw_AF[rows]).mul_(w_A1[rows])
-            y_parts[i].index_add_(0, tokens_N, torch.mm(hw_nF, w_out_EFD[expert], out=buf_nD))
+            x_nD = torch.index_select(x_TD, 0, token_A[rows], out=buf_ND[: rows.stop - rows.start])
+            torch.mm(x_nD, w_gate_EDF[expert], out=g_AF[rows])
+            torch.mm(x_nD, w_up_EDF[expert], out=u_AF[rows])
+
+    def down(i: int, chunk: Slices) -> None:
+        buf_ND = x_TD.new_empty(_max_rows(chunk), x_TD.shape[1])
+        for expert, rows in chunk:
+            out_nD = torch.mm(hw_AF[rows], w_out_EFD[expert], out=buf_ND[: rows.stop - rows.start])
+            y_parts[i].index_add_(0, token_A[rows], out_nD)
 
     if slices:
-        _run(chunks, work)
+        _run(chunks, gate_and_up)
+        # The gate scales h (width F) rather than the expert output (width D): same product, less work.
+        torch.mul(F.silu(g_AF), u_AF, out=hw_AF).mul_(weight_A.unsqueeze(1).to(g_AF.dtype))
+        _run(chunks, down)
     return _sum_into_first(y_parts), g_AF, u_AF, hw_AF
 
 
@@ -165,37 +233,43 @@ def _grouped_swiglu_bwd(dy_TD: Tensor, x_TD: Tensor, weight_A: Tensor, token_A: 
     slices = _expert_slices(counts)
     chunks = _chunks(slices, x_TD.device)
     dy_TD = dy_TD.contiguous()
-    w_A1 = weight_A.unsqueeze(1).to(g_AF.dtype)
-    d_w_gate, d_w_up, d_w_out = (torch.empty_like(w) for w in (w_gate_EDF, w_up_EDF, w_out_EFD))
+    d_w_gate, d_w_up, d_w_out = _gradient(w_gate_EDF, "d_w_gate"), _gradient(w_up_EDF, "d_w_up"), \
+        _gradient(w_out_EFD, "d_w_out")
     idle = [expert for expert, count in enumerate(counts) if not count]
     for grad in (d_w_gate, d_w_up, d_w_out):
         grad[idle] = 0  # every other expert's slice is written below
-    d_weight_A = g_AF.new_empty(g_AF.shape[0])
-    dx_parts = [torch.zeros_like(x_TD) for _ in chunks] if needs_dx else []
+    dhw_AF = _buffer(w_gate_EDF, "dhw", g_AF.shape, g_AF)  # d(h * weight) = dy W_out^T
+    dx_parts = _accumulators(w_gate_EDF, "dx", chunks, x_TD) if needs_dx else []
 
-    def work(i: int, chunk: Slices) -> None:
+    def down(_: int, chunk: Slices) -> None:
         buf_ND = dy_TD.new_empty(_max_rows(chunk), dy_TD.shape[1])
         for expert, rows in chunk:
-            tokens_N, buf_nD = token_A[rows], buf_ND[: rows.stop - rows.start]
-            g_nF, u_nF, w_n1 = g_AF[rows], u_AF[rows], w_A1[rows]
-            dy_nD = torch.index_select(dy_TD, 0, tokens_N, out=buf_nD)
-            dhw_nF = dy_nD @ w_out_EFD[expert].t()  # d(h * weight) = dy W_out^T
+            dy_nD = torch.index_select(dy_TD, 0, token_A[rows], out=buf_ND[: rows.stop - rows.start])
+            torch.mm(dy_nD, w_out_EFD[expert].t(), out=dhw_AF[rows])
             torch.mm(hw_AF[rows].t(), dy_nD, out=d_w_out[expert])
-            # With dhw = dy W_out^T: dot(dy, weight * h W_out) = weight * dot(dhw, h), so the gate
-            # gradient needs no (A, D) tensor; h = silu(g) * u.
-            d_u_nF = dhw_nF * F.silu(g_nF)  # d u / weight
-            torch.sum(d_u_nF * u_nF, 1, out=d_weight_A[rows])
-            d_u_nF.mul_(w_n1)
-            d_g_nF = torch.ops.aten.silu_backward(dhw_nF.mul_(u_nF).mul_(w_n1), g_nF)
-            x_nD = torch.index_select(x_TD, 0, tokens_N, out=buf_nD)
+
+    def gate_and_up(i: int, chunk: Slices) -> None:
+        buf_ND = x_TD.new_empty(_max_rows(chunk), x_TD.shape[1])
+        for expert, rows in chunk:
+            x_nD = torch.index_select(x_TD, 0, token_A[rows], out=buf_ND[: rows.stop - rows.start])
+            d_g_nF, d_u_nF = d_g_AF[rows], d_u_AF[rows]
             torch.mm(x_nD.t(), d_g_nF, out=d_w_gate[expert])
             torch.mm(x_nD.t(), d_u_nF, out=d_w_up[expert])
             if needs_dx:
-                dx_nD = torch.mm(d_g_nF, w_gate_EDF[expert].t(), out=buf_nD)
-                dx_parts[i].index_add_(0, tokens_N, dx_nD.addmm_(d_u_nF, w_up_EDF[expert].t()))
+                dx_nD = torch.mm(d_g_nF, w_gate_EDF[expert].t(), out=x_nD)  # x_nD is read: overwrite it last
+                dx_parts[i].index_add_(0, token_A[rows], dx_nD.addmm_(d_u_nF, w_up_EDF[expert].t()))
 
+    d_weight_A = g_AF.new_zeros(g_AF.shape[0])
     if slices:
-        _run(chunks, work)
+        _run(chunks, down)
+        # With dhw = dy W_out^T: dot(dy, weight * h W_out) = weight * dot(dhw, h), so the gate
+        # gradient needs no (A, D) tensor; h = silu(g) * u.
+        w_A1 = weight_A.unsqueeze(1).to(g_AF.dtype)
+        d_u_AF = torch.mul(dhw_AF, F.silu(g_AF), out=_buffer(w_gate_EDF, "d_u", g_AF.shape, g_AF))  # d u / weight
+        torch.sum(d_u_AF * u_AF, 1, out=d_weight_A)
+        d_u_AF.mul_(w_A1)
+        d_g_AF = torch.ops.aten.silu_backward(dhw_AF.mul_(u_AF).mul_(w_A1), g_AF)
+        _run(chunks, gate_and_up)
     dx_TD = _sum_into_first(dx_parts) if needs_dx else x_TD.new_empty(0, x_TD.shape[1])
     return dx_TD, d_weight_A.to(weight_A.dtype), d_w_gate, d_w_up, d_w_out
 

@@ -1,8 +1,15 @@
 """The dispatcher registry: names in YAML and on the command line (``--model.moe.dispatcher``) map
-to dispatcher factories; a new backend is one :func:`register_dispatcher` call."""
+to dispatcher factories; a new backend is one :func:`register_dispatcher` call.
+
+Built in: ``loop`` (the reference), ``grouped``, ``triton`` (Triton permute and combine, expert
+GEMMs on the engine measured fastest, :mod:`lightning_moe.dispatch.engines`), and the same with the
+engine forced: ``triton-kernels`` (our Triton GEMMs) and ``triton-grouped_mm``
+(``torch.nn.functional.grouped_mm``).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from lightning_moe.dispatch.base import Dispatcher
@@ -49,5 +56,11 @@ def get_dispatcher(dispatcher: str | Dispatcher) -> Dispatcher:
     return made
 
 
-for _name, _factory in (("loop", LoopDispatcher), ("grouped", GroupedDispatcher), ("triton", TritonDispatcher)):
+for _name, _factory in (
+    ("loop", LoopDispatcher),
+    ("grouped", GroupedDispatcher),
+    ("triton", TritonDispatcher),  # engine "auto"
+    ("triton-kernels", functools.partial(TritonDispatcher, engine="triton")),
+    ("triton-grouped_mm", functools.partial(TritonDispatcher, engine="grouped_mm")),
+):
     register_dispatcher(_name, _factory)

@@ -2,6 +2,12 @@
 
 Legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``A`` assignments.
 
+The expert GEMMs between the fused permute and combine run on an *engine*
+(:mod:`lightning_moe.dispatch.engines`): our Triton grouped GEMM (``engine="triton"``, registered
+as dispatcher ``triton-kernels``), torch's ``F.grouped_mm`` (``"grouped_mm"``, dispatcher
+``triton-grouped_mm``), or the faster of the two measured once per shape (``"auto"``, the default,
+dispatcher ``triton``).
+
 Where the kernels cannot run (no Triton, CPU tensors without ``TRITON_INTERPRET=1``, experts
 that do not offer the fused SwiGLU form, :class:`~lightning_moe.experts.FusedSwiGLU`) it warns
 once, naming the reason, and computes the same function with the ``grouped`` backend; each step
@@ -18,7 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_moe._validate import check_choice
 from lightning_moe.dispatch.base import Plan
+from lightning_moe.dispatch.engines import ENGINES, expert_swiglu
 from lightning_moe.dispatch.grouped import GroupedDispatcher
 from lightning_moe.experts.protocol import Experts, swiglu_weights
 from lightning_moe.kernels._triton import unavailable_reason
@@ -41,17 +49,6 @@ def fallback_reason(x_TD: Tensor, experts: object) -> str | None:
     return _input_reason(x_TD)
 
 
-@torch.compiler.assume_constant_result
-def _tf32_allowed() -> bool:
-    # float32 follows torch's own matmul setting (Lightning's `torch.set_float32_matmul_precision`):
-    # "highest" keeps exact float32, "high"/"medium" allow TF32 tensor cores. A constant to Dynamo.
-    return torch.get_float32_matmul_precision() != "highest"
-
-
-def _precision(x_TD: Tensor) -> str:
-    return "tf32" if x_TD.dtype == torch.float32 and _tf32_allowed() else "ieee"
-
-
 @dataclass
 class TritonPlan(Plan):
     """The kernels' plan (both layouts of the assignments) next to the common fields; ``weight_A``
@@ -64,13 +61,25 @@ class TritonDispatcher(GroupedDispatcher):
     """``y_t = sum_a weight_a * expert_{e_a}(x_t)`` with the Triton kernels; no host sync.
 
     permute: tokens gathered into expert order (:func:`~lightning_moe.kernels.permute.permute`);
-    compute: the experts as grouped GEMMs over the sorted rows
-    (:func:`~lightning_moe.kernels.grouped_gemm.grouped_swiglu`); combine: outputs summed per
-    token with their gates (:func:`~lightning_moe.kernels.permute.unpermute`, a gather-reduce, no
-    atomics). Each step runs the ``grouped`` backend's instead where the kernels cannot run.
+    compute: the experts as grouped GEMMs over the sorted rows, on the chosen engine
+    (:func:`~lightning_moe.dispatch.engines.expert_swiglu`); combine: outputs summed per token with
+    their gates (:func:`~lightning_moe.kernels.permute.unpermute`, a gather-reduce, no atomics).
+    Each step runs the ``grouped`` backend's instead where the kernels cannot run.
+
+    Args:
+        engine: what runs the expert GEMMs: ``"auto"`` (measure both once per device, dtype and
+            expert shape, keep the faster; the default), ``"triton"`` (our kernels) or
+            ``"grouped_mm"`` (``torch.nn.functional.grouped_mm``; ``RuntimeError`` where torch
+            cannot run it on the inputs).
     """
 
     name = "triton"
+    _NAMES = {"auto": "triton", "triton": "triton-kernels", "grouped_mm": "triton-grouped_mm"}
+
+    def __init__(self, engine: str = "auto") -> None:
+        super().__init__()
+        self.engine = check_choice("engine", engine, ENGINES)
+        self.name = self._NAMES[engine]
 
     def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Plan]:
         reason = _input_reason(x_TD)
@@ -111,11 +120,12 @@ class TritonDispatcher(GroupedDispatcher):
         return permute(x_TD, kernel_plan), plan
 
     def _kernel_compute(self, x_AD: Tensor, plan: Plan, weights: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        from lightning_moe.kernels.grouped_gemm import grouped_swiglu
-
         offsets_E1 = plan.kernel_plan.offsets_E1 if isinstance(plan, TritonPlan) and plan.kernel_plan is not None \
             else torch.cat([plan.counts_E.new_zeros(1), plan.counts_E.cumsum(0)])
-        return grouped_swiglu(x_AD, *(w.to(x_AD.dtype) for w in weights), offsets_E1, precision=_precision(x_AD))
+        return expert_swiglu(x_AD, *weights, offsets_E1, engine=self.engine)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, engine={self.engine!r})"
 
 
 def _input_reason(x: Tensor) -> str | None:
@@ -126,4 +136,4 @@ def _input_reason(x: Tensor) -> str | None:
 
 
 triton_dispatch = TritonDispatcher()
-"""A shared ``triton`` dispatcher: ``triton_dispatch(x_TD, routing, experts) -> y_TD``."""
+"""A shared ``triton`` dispatcher (engine ``auto``): ``triton_dispatch(x_TD, routing, experts) -> y_TD``."""

@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end on a tiny shape and print the rows they promise (no timing asserted)."""
 
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -66,17 +68,62 @@ def test_moe_layer_peak_memory_in_subprocesses(tmp_path: Path) -> None:
     assert "unavailable" not in output, output
 
 
-def test_train_throughput_prints_both_models_and_the_ratio(tmp_path: Path) -> None:
-    args = ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--d-model", "32", "--n-layers",
-            "1", "--n-heads", "2", "--experts", "4", "--expert-d-ff", "16", "--device", "cpu", "--threads", "1"]
-    output = run_script("train_throughput.py", args, tmp_path)
+TINY_MODEL = ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--d-model", "32", "--layers",
+              "1", "--heads", "2", "--experts", "4", "--d-ff", "16", "--device", "cpu", "--threads", "1"]
+
+
+def test_train_throughput_prints_both_models_the_ratio_and_mfu(tmp_path: Path) -> None:
+    output = run_script("train_throughput.py", [*TINY_MODEL, "--peak-tflops", "0.1", "--json", "out.json"], tmp_path)
     rows = table_rows(output)
     assert list(rows) == ["dense", "moe (grouped)"], output
     # Same active parameters but the router's E*D weights; the MoE holds E/K times the FFN weights in all.
     dense_active = int(rows["dense"][5].replace(",", ""))
     moe_total, moe_active = (int(rows["moe (grouped)"][i].replace(",", "")) for i in (4, 5))
     assert moe_active == dense_active + 4 * 32 and moe_total > moe_active
-    assert "MoE/dense tokens/s: " in output
+    assert "MoE/dense tokens/s: " in output and "target >= 0.8" in output
+    assert "Peak for MFU: 0.1 TFLOP/s (--peak-tflops)" in output, output
+    assert all(cells[9].endswith("%") and cells[10] == "-" for cells in rows.values())  # MFU; no CUDA memory
+    summary = json.loads((tmp_path / "out.json").read_text())
+    dense = summary["models"]["dense"]
+    # Tied embedding: N = head 256*32 + attention 4*32*32 + FFN 3*32*32; 6 N + 12 L S D with L=1, S=16, D=32.
+    assert dense["matmul_params"] == 256 * 32 + 4 * 32 * 32 + 3 * 32 * 32
+    assert dense["train_flops_per_token"] == 6 * dense["matmul_params"] + 12 * 16 * 32
+    for row in summary["models"].values():
+        assert math.isfinite(row["mfu"]) and row["mfu"] > 0 and len(row["step_ms"]) == 2
+        assert row["mfu"] == pytest.approx(row["tflops_median"] / 0.1)
+    assert summary["ratio_median"] > 0 and summary["config"]["dispatcher"] == "grouped"
+
+
+def test_train_throughput_gpu_preset_overridden_to_tiny_sizes_on_cpu(tmp_path: Path) -> None:
+    output = run_script("train_throughput.py", ["--preset", "gpu", *TINY_MODEL, "--peak-tflops", "auto"], tmp_path)
+    rows = table_rows(output)
+    assert list(rows) == ["dense", "moe (grouped)"], output
+    assert "preset gpu; vocabulary 256, D=32, 1 layers" in output and "bfloat16" in output  # the preset's dtype
+    assert "(measured: best large bfloat16 matmul on this device)" in output, output
+    assert all(cells[9].endswith("%") for cells in rows.values())
+
+
+def test_train_throughput_presets_parse_and_explicit_options_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The script imports its sibling moe_layer through sys.path; both are undone after the test.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("train_throughput", "moe_layer"):
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARKS / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    gpu = module.parse_args(["--preset", "gpu", "--device", "cpu"])
+    sizes = (gpu.d_model, gpu.n_layers, gpu.n_heads, gpu.experts, gpu.top_k, gpu.expert_d_ff)
+    assert sizes == (1024, 8, 16, 8, 2, 2048)
+    assert (gpu.seq_len, gpu.dtype, gpu.dispatcher) == (1024, "bfloat16", "grouped")
+    mixed = module.parse_args(["--preset", "gpu", "--device", "cpu", "--n-layers", "2", "--dtype", "float32"])
+    assert (mixed.n_layers, mixed.dtype, mixed.d_model) == (2, "float32", 1024)
+    tiny = module.parse_args(["--device", "cpu"])
+    assert (tiny.d_model, tiny.n_layers, tiny.batch_size, tiny.seq_len, tiny.steps) == (128, 4, 16, 128, 30)
+    for bad in (["--peak-tflops", "0"], ["--peak-tflops", "fast"], ["--dispatcher", "nope"], ["--top-k", "9"]):
+        with pytest.raises(SystemExit):
+            module.parse_args([*bad, "--device", "cpu"])
 
 
 @pytest.mark.slow

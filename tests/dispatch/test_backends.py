@@ -89,12 +89,12 @@ def test_combine_is_the_gated_sum() -> None:
 
 
 def test_unknown_dispatcher() -> None:
-    valid = r"\['grouped', 'loop', 'triton'\]"
+    valid = r"\['grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"
     with pytest.raises(ValueError, match=r"Unknown `dispatcher` 'cuda'; valid names are " + valid):
         get_dispatcher("cuda")
     with pytest.raises(ValueError, match="Unknown `dispatcher`"):
         MoELayer(8, 8, 2, dispatcher="fast")
-    assert set(DISPATCHERS) == {"loop", "grouped", "triton"}
+    assert set(DISPATCHERS) == {"loop", "grouped", "triton", "triton-grouped_mm", "triton-kernels"}
 
 
 @pytest.mark.parametrize("name", ["loop", "grouped", "triton"])
@@ -158,7 +158,7 @@ def test_register_dispatcher_makes_a_new_backend_a_choice_everywhere() -> None:
                                moe=MoEConfig(num_experts=4, expert_d_ff=8, dispatcher="counting"))
         model(torch.randint(0, 32, (2, 8)))
         assert len(calls) == 3  # one per MoE layer
-        with pytest.raises(ValueError, match=r"valid names are \['counting', 'grouped', 'loop', 'triton'\]"):
+        with pytest.raises(ValueError, match=r"valid names are \['counting', 'grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"):
             MoEConfig(dispatcher="nope")
     finally:
         DISPATCHERS.pop("counting")
