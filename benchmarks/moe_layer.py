@@ -45,7 +45,9 @@ gradients count in it. On CUDA: ``max_memory_allocated`` after ``reset_peak_memo
 subprocess (this script re-invoked with a hidden flag): build the module and inputs, one warm-up
 fwd+bwd, free the gradients, ``malloc_trim``, read ``VmRSS``, reset the RSS high-water mark
 (``/proc/self/clear_refs``), one fwd+bwd, then high-water (``VmHWM``; ``ru_maxrss`` where the reset is
-refused) minus that RSS. It is approximate (allocator caching, page granularity) but comparable across
+refused) minus that RSS. Our ``grouped`` op keeps its large CPU buffers between steps (recycled
+rather than page-faulted afresh); they are released before the measured step, so it counts them like
+every other path's allocations. It is approximate (allocator caching, page granularity) but comparable across
 paths. ``--no-memory`` skips it.
 
     python benchmarks/moe_layer.py                          # C1: T=4096 D=512 E=8 K=2 F=1024, float32
@@ -78,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.dispatch import DISPATCHERS
+from lightning_moe.dispatch import DISPATCHERS, release_recycled_buffers
 from lightning_moe.experts import SwiGLU
 from lightning_moe.layers import MoELayer
 from lightning_moe.routing import LinearScorer, TopKRouter
@@ -429,6 +431,9 @@ def cpu_peak_mb_here(module: nn.Module, x: Tensor, grad: Tensor) -> float:
     """In a fresh process: warm-up step, free grads, RSS; one step; RSS high-water minus that RSS."""
     fwd_bwd(module, x, grad)
     clear_grads(module, x)
+    # Our grouped op keeps its large CPU buffers (gradients, activations) between steps; dropped
+    # here, so the measured step allocates them as every other path allocates its own.
+    release_recycled_buffers()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the step's growth shows

@@ -4,13 +4,15 @@ backends (:func:`register_dispatcher`)."""
 
 from lightning_moe.dispatch.base import Dispatcher, Plan
 from lightning_moe.dispatch.engines import ENGINES, clear_engine_choices, engine_choices, expert_swiglu
-from lightning_moe.dispatch.grouped import GroupedDispatcher, grouped_dispatch, grouped_swiglu
+from lightning_moe.dispatch.grouped import GroupedDispatcher, grouped_dispatch, grouped_swiglu, release_recycled_buffers
 from lightning_moe.dispatch.loop import LoopDispatcher, loop_dispatch
 from lightning_moe.dispatch.registry import DISPATCHERS, get_dispatcher, register_dispatcher
-from lightning_moe.dispatch.triton import TritonDispatcher, fallback_reason, triton_dispatch
+from lightning_moe.dispatch.triton import AutoDispatcher, TritonDispatcher, fallback_reason, triton_dispatch
 
 __all__ = [
-    "DISPATCHERS", "ENGINES", "Dispatcher", "GroupedDispatcher", "LoopDispatcher", "Plan", "TritonDispatcher",
+    "DISPATCHERS", "ENGINES", "AutoDispatcher", "Dispatcher", "GroupedDispatcher", "LoopDispatcher", "Plan",
+    "TritonDispatcher",
     "clear_engine_choices", "engine_choices", "expert_swiglu", "fallback_reason", "get_dispatcher",
-    "grouped_dispatch", "grouped_swiglu", "loop_dispatch", "register_dispatcher", "triton_dispatch",
+    "grouped_dispatch", "grouped_swiglu", "loop_dispatch", "register_dispatcher", "release_recycled_buffers",
+    "triton_dispatch",
 ]

@@ -43,7 +43,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -166,6 +165,14 @@ def _buffer(owner: Tensor, role: str, shape: tuple[int, ...], like: Tensor, *, z
     return buffer.zero_() if zero else buffer
 
 
+def release_recycled_buffers() -> None:
+    """Drop the buffers every layer keeps for reuse on CPU (each is freed once nothing else holds
+    it); the next step makes them afresh. Between steps a layer keeps about its expert weights'
+    size (the gradients' storage) plus a few ``(T*K, F)`` and ``(T, D)`` activations."""
+    with _recycle_lock:
+        _recycled.clear()
+
+
 def _gradient(w: Tensor, role: str) -> Tensor:
     """An uninitialised buffer for ``w``'s gradient (recycled where ``w`` is contiguous, so the
     gradient has ``w``'s layout and autograd keeps it as it is)."""
@@ -212,7 +219,7 @@ def _grouped_swiglu_fwd(x_TD: Tensor, weight_A: Tensor, token_A: Tensor, counts_
     if slices:
         _run(chunks, gate_and_up)
         # The gate scales h (width F) rather than the expert output (width D): same product, less work.
-        torch.mul(F.silu(g_AF), u_AF, out=hw_AF).mul_(weight_A.unsqueeze(1).to(g_AF.dtype))
+        torch.ops.aten.silu.out(g_AF, out=hw_AF).mul_(u_AF).mul_(weight_A.unsqueeze(1).to(g_AF.dtype))
         _run(chunks, down)
     return _sum_into_first(y_parts), g_AF, u_AF, hw_AF
 
@@ -264,11 +271,13 @@ def _grouped_swiglu_bwd(dy_TD: Tensor, x_TD: Tensor, weight_A: Tensor, token_A: 
         _run(chunks, down)
         # With dhw = dy W_out^T: dot(dy, weight * h W_out) = weight * dot(dhw, h), so the gate
         # gradient needs no (A, D) tensor; h = silu(g) * u.
+        # Every (A, F) temporary is a recycled buffer, written in place (fresh ones page-fault).
         w_A1 = weight_A.unsqueeze(1).to(g_AF.dtype)
-        d_u_AF = torch.mul(dhw_AF, F.silu(g_AF), out=_buffer(w_gate_EDF, "d_u", g_AF.shape, g_AF))  # d u / weight
-        torch.sum(d_u_AF * u_AF, 1, out=d_weight_A)
+        tmp_AF = torch.ops.aten.silu.out(g_AF, out=_buffer(w_gate_EDF, "tmp", g_AF.shape, g_AF))
+        d_u_AF = torch.mul(dhw_AF, tmp_AF, out=_buffer(w_gate_EDF, "d_u", g_AF.shape, g_AF))  # d u / weight
+        torch.sum(torch.mul(d_u_AF, u_AF, out=tmp_AF), 1, out=d_weight_A)
         d_u_AF.mul_(w_A1)
-        d_g_AF = torch.ops.aten.silu_backward(dhw_AF.mul_(u_AF).mul_(w_A1), g_AF)
+        d_g_AF = torch.ops.aten.silu_backward.grad_input(dhw_AF.mul_(u_AF).mul_(w_A1), g_AF, grad_input=tmp_AF)
         _run(chunks, gate_and_up)
     dx_TD = _sum_into_first(dx_parts) if needs_dx else x_TD.new_empty(0, x_TD.shape[1])
     return dx_TD, d_weight_A.to(weight_A.dtype), d_w_gate, d_w_up, d_w_out
@@ -285,10 +294,13 @@ def _(dy_TD, x_TD, weight_A, token_A, counts_E, g_AF, u_AF, hw_AF, w_gate_EDF, w
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
     x_TD, weight_A, token_A, counts_E, w_gate_EDF, w_up_EDF, w_out_EFD = inputs
     _, g_AF, u_AF, hw_AF = output
+    ctx.set_materialize_grads(False)  # the activations get no gradient: no (A, F) zeros for them
     ctx.save_for_backward(x_TD, weight_A, token_A, counts_E, g_AF, u_AF, hw_AF, w_gate_EDF, w_up_EDF, w_out_EFD)
 
 
-def _backward(ctx, dy_TD: Tensor, *_activation_grads: Tensor) -> tuple:  # noqa: ANN001
+def _backward(ctx, dy_TD: Tensor | None, *_activation_grads: None) -> tuple:  # noqa: ANN001
+    if dy_TD is None:  # the output was not used
+        return (None,) * 7
     x_TD, weight_A, token_A, counts_E, g_AF, u_AF, hw_AF, w_gate_EDF, w_up_EDF, w_out_EFD = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     dx_TD, d_weight_A, d_w_gate, d_w_up, d_w_out = _grouped_swiglu_bwd(

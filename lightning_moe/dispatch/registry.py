@@ -15,7 +15,7 @@ from collections.abc import Callable
 from lightning_moe.dispatch.base import Dispatcher
 from lightning_moe.dispatch.grouped import GroupedDispatcher
 from lightning_moe.dispatch.loop import LoopDispatcher
-from lightning_moe.dispatch.triton import TritonDispatcher
+from lightning_moe.dispatch.triton import AutoDispatcher, TritonDispatcher
 
 DispatcherFactory = Callable[[], Dispatcher]
 
@@ -57,6 +57,7 @@ def get_dispatcher(dispatcher: str | Dispatcher) -> Dispatcher:
 
 
 for _name, _factory in (
+    ("auto", AutoDispatcher),  # grouped on CPU, triton (engine "auto") on a GPU
     ("loop", LoopDispatcher),
     ("grouped", GroupedDispatcher),
     ("triton", TritonDispatcher),  # engine "auto"

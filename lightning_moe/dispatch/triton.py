@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe._validate import check_choice
-from lightning_moe.dispatch.base import Plan
+from lightning_moe.dispatch.base import Plan, autocast_inputs
 from lightning_moe.dispatch.engines import ENGINES, expert_swiglu
 from lightning_moe.dispatch.grouped import GroupedDispatcher
 from lightning_moe.experts.protocol import Experts, swiglu_weights
@@ -81,17 +81,20 @@ class TritonDispatcher(GroupedDispatcher):
         self.engine = check_choice("engine", engine, ENGINES)
         self.name = self._NAMES[engine]
 
-    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Plan]:
-        reason = _input_reason(x_TD)
+    def _falls_back(self, x: Tensor, experts: object | None = None) -> bool:
+        """Whether to run the ``grouped`` backend's step instead (warning once per reason)."""
+        reason = _input_reason(x) if experts is None else fallback_reason(x, experts)
         if reason is not None:
             _warn_fallback(reason)
+        return reason is not None
+
+    def permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Plan]:
+        if self._falls_back(x_TD):
             return super().permute(x_TD, routing)
         return self._kernel_permute(x_TD, routing)
 
     def compute(self, x_AD: Tensor, plan: Plan, experts: Experts) -> Tensor:
-        reason = fallback_reason(x_AD, experts)
-        if reason is not None:
-            _warn_fallback(reason)
+        if self._falls_back(x_AD, experts):
             return super().compute(x_AD, plan, experts)
         return self._kernel_compute(x_AD, plan, experts.swiglu_weights())
 
@@ -103,9 +106,7 @@ class TritonDispatcher(GroupedDispatcher):
         return unpermute(out_AD, plan.weight_A, plan.kernel_plan)
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: Experts) -> Tensor:
-        reason = fallback_reason(x_TD, experts)  # checked once here, not again in each step
-        if reason is not None:
-            _warn_fallback(reason)
+        if self._falls_back(x_TD, experts):  # checked once here, not again in each step
             return super().__call__(x_TD, routing, experts)  # the grouped backend, fused
         x_AD, plan = self._kernel_permute(x_TD, routing)
         return self.combine(self._kernel_compute(x_AD, plan, experts.swiglu_weights()), plan)
@@ -113,6 +114,7 @@ class TritonDispatcher(GroupedDispatcher):
     def _kernel_permute(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, TritonPlan]:
         from lightning_moe.kernels.permute import make_plan, permute
 
+        (x_TD,) = autocast_inputs(x_TD)  # under autocast the experts run in its dtype (weights cast to x's)
         kernel_plan = make_plan(routing.token_A, routing.expert_A, x_TD.shape[0], routing.num_experts)
         plan = TritonPlan(counts_E=kernel_plan.counts_E, num_tokens=x_TD.shape[0], token_A=kernel_plan.src_token_A,
                           weight_A=routing.weight_A[kernel_plan.token_order_A].float(), dtype=x_TD.dtype,
@@ -126,6 +128,27 @@ class TritonDispatcher(GroupedDispatcher):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, engine={self.engine!r})"
+
+
+class AutoDispatcher(TritonDispatcher):
+    """The fastest backend for each call's device: ``grouped`` on CPU (even where Triton's
+    interpreter could run the kernels), the Triton kernels with the ``auto`` GEMM engine on a GPU.
+    Where the kernels cannot run on a GPU (no Triton, float64, experts that are not SwiGLU) it runs
+    ``grouped`` without a warning: choosing is its job. The default dispatcher."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        super().__init__(engine="auto")
+        self.name = "auto"
+
+    def _falls_back(self, x: Tensor, experts: object | None = None) -> bool:
+        if x.device.type == "cpu":
+            return True
+        return (_input_reason(x) if experts is None else fallback_reason(x, experts)) is not None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name='auto')"
 
 
 def _input_reason(x: Tensor) -> str | None:

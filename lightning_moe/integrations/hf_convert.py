@@ -190,7 +190,7 @@ def _no_meta_left(module: nn.Module, what: str, mapping: str) -> None:
         raise RuntimeError(f"{what} left {left} uninitialised; {mapping} must map them.")
 
 
-def moe_layer_from_hf(block: nn.Module, dispatcher: str = "grouped", balancers: Sequence[Balancer] = (),
+def moe_layer_from_hf(block: nn.Module, dispatcher: str = "auto", balancers: Sequence[Balancer] = (),
                       gating_kernel: str = "auto") -> MoELayer:
     """A :class:`MoELayer` computing the same function as a 5.x Hugging Face MoE block.
 
@@ -341,7 +341,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def to_lightning_moe(model: nn.Module, dispatcher: str = "grouped", balancers: Sequence[Balancer] = ()) -> list[str]:
+def to_lightning_moe(model: nn.Module, dispatcher: str = "auto", balancers: Sequence[Balancer] = ()) -> list[str]:
     """Replace every supported HF MoE block inside ``model`` by its :class:`MoELayer`, in place.
 
     Returns the qualified names replaced, in module order. The model's forward (and its loss with

@@ -43,9 +43,12 @@ class MoEConfig:
             ZLoss(0.001)]``, ``[]`` none.
         capacity: expert capacity with token dropping
             (:class:`~lightning_moe.routing.ExpertCapacity`); ``None`` is dropless.
-        dispatcher: a registered dispatch backend (``lightning_moe.dispatch.DISPATCHERS``):
-            ``grouped`` (fast on CPU), ``triton`` (GPU kernels; falls back to ``grouped`` with a warning
-            where they cannot run), ``loop`` (the reference), or one added by ``register_dispatcher``.
+        dispatcher: a registered dispatch backend (``lightning_moe.dispatch.DISPATCHERS``): ``auto``
+            (the default: ``grouped`` on CPU, ``triton`` on a GPU), ``grouped`` (fast on CPU),
+            ``triton`` (GPU kernels, the expert GEMMs on the faster engine measured once;
+            ``triton-kernels`` / ``triton-grouped_mm`` force our Triton GEMMs / torch's
+            ``grouped_mm``; falls back to ``grouped`` with a warning where the kernels cannot run),
+            ``loop`` (the reference), or one added by ``register_dispatcher``.
         granularity: fine-grained split factor m, >= 1.
         num_shared_experts: shared experts per MoE layer, >= 0, each of width ``expert_d_ff / granularity``.
         shared_expert_gate: gate the shared experts' output with a per-token sigmoid.
@@ -60,7 +63,7 @@ class MoEConfig:
     router: RouterFactory = TopKRouter
     balancers: list[Balancer] | None = None
     capacity: ExpertCapacity | None = None
-    dispatcher: str = "grouped"
+    dispatcher: str = "auto"
     granularity: int = 1
     num_shared_experts: int = 0
     shared_expert_gate: bool = False

@@ -61,7 +61,8 @@ class MoELayer(RoutingRecorder, nn.Module):
             ``TopKRouter(d_model, num_experts, top_k=2)``.
         balancers: auxiliary losses computed from each routing decision (none by default).
         dispatcher: a registered dispatch backend's name (``lightning_moe.dispatch.DISPATCHERS``:
-            ``grouped``, ``triton``, ``loop`` and any added by ``register_dispatcher``), or a
+            ``auto``, the default (``grouped`` on CPU, ``triton`` on a GPU), ``grouped``, ``triton``,
+            ``triton-kernels``, ``triton-grouped_mm``, ``loop`` and any added by ``register_dispatcher``), or a
             :class:`~lightning_moe.dispatch.Dispatcher`. ``layer.dispatcher`` is the object; assigning
             a name or an object replaces the backend (under expert parallelism, the local one).
         capacity: expert capacity limits (:class:`~lightning_moe.routing.ExpertCapacity`);
@@ -95,7 +96,7 @@ class MoELayer(RoutingRecorder, nn.Module):
         *,
         router: Router | None = None,
         balancers: Sequence[Balancer] = (),
-        dispatcher: str | Dispatcher = "grouped",
+        dispatcher: str | Dispatcher = "auto",
         capacity: ExpertCapacity | None = None,
         shared_d_ff: int = 0,
         shared_gate: bool = False,

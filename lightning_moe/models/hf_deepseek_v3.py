@@ -237,7 +237,7 @@ def _moe_config(config: Any, block: nn.Module | None, dispatcher: str, balancers
                      dispatcher=dispatcher, num_shared_experts=shared_d_ff // expert_d_ff if expert_d_ff else 0)
 
 
-def from_deepseek_v3(hf_model: nn.Module, dispatcher: str = "grouped",
+def from_deepseek_v3(hf_model: nn.Module, dispatcher: str = "auto",
                      balancers: Sequence[Balancer] = ()) -> MoETransformer:
     """The :class:`MoETransformer` (``attention="mla"``) computing the same logits as a Hugging Face
     ``DeepseekV3ForCausalLM``.

@@ -385,9 +385,9 @@ class DeepSpeedMoELayer(RoutingRecorder, nn.Module):
         counterpart in DeepSpeed's layer: ``ValueError`` if they are set."""
         if moe.num_shared_experts:
             raise ValueError("DeepSpeedMoELayer has no shared experts: set `moe.num_shared_experts` to 0.")
-        if moe.dispatcher != "grouped":
+        if moe.dispatcher not in ("auto", "grouped"):
             raise ValueError(f"DeepSpeedMoELayer dispatches with DeepSpeed's own code; `moe.dispatcher` "
-                             f"({moe.dispatcher!r}) applies to MoELayer only: leave it at 'grouped'.")
+                             f"({moe.dispatcher!r}) applies to MoELayer only: leave it at 'auto'.")
         router = build_router(moe.router, d_model, moe.routed_experts, moe.granularity)
         capacity = moe.capacity
         limits = dict(drop_tokens=False) if capacity is None else dict(

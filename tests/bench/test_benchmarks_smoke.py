@@ -132,3 +132,14 @@ def test_busy_threads_times_each_thread_count_idle_and_busy(tmp_path: Path) -> N
     rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith(("| idle", "| busy"))]
     assert [(r[0].strip(), int(r[1])) for r in rows] == [("idle", 1), ("idle", 2), ("busy", 1), ("busy", 2)], output
     assert all(float(r[2]) > 0 for r in rows) and rows[0][3].strip() == rows[2][3].strip() == "1.00x"
+
+
+def test_host_overhead_times_every_path_on_cpu(tmp_path: Path) -> None:
+    output = run_script("host_overhead.py", ["--device", "cpu", "--tokens", "64", "--d-model", "32", "--experts",
+                                             "4", "--d-ff", "16", "--rounds", "2", "--warmup", "1",
+                                             "--dispatchers", "grouped,loop,no-such"], tmp_path)
+    rows = table_rows(output)
+    assert set(rows) == {"dense", "grouped", "loop"}, output
+    assert all(cells[3] == "-" and cells[4] == "-" for cells in rows.values())  # no CUDA graph on CPU
+    assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
+    assert "skipped no-such: not a registered dispatcher" in output

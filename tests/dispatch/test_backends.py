@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_moe.dispatch import DISPATCHERS, get_dispatcher
-from lightning_moe.layers import MoELayer
+from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.routing import Routing, TopKRouter
 
 # (tokens, d_model, d_ff, experts): widths that are not powers of two, tiny and single-expert cases.
@@ -89,15 +89,15 @@ def test_combine_is_the_gated_sum() -> None:
 
 
 def test_unknown_dispatcher() -> None:
-    valid = r"\['grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"
+    valid = r"\['auto', 'grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"
     with pytest.raises(ValueError, match=r"Unknown `dispatcher` 'cuda'; valid names are " + valid):
         get_dispatcher("cuda")
     with pytest.raises(ValueError, match="Unknown `dispatcher`"):
         MoELayer(8, 8, 2, dispatcher="fast")
-    assert set(DISPATCHERS) == {"loop", "grouped", "triton", "triton-grouped_mm", "triton-kernels"}
+    assert set(DISPATCHERS) == {"auto", "loop", "grouped", "triton", "triton-grouped_mm", "triton-kernels"}
 
 
-@pytest.mark.parametrize("name", ["loop", "grouped", "triton"])
+@pytest.mark.parametrize("name", ["loop", "grouped", "triton", "auto"])
 @pytest.mark.parametrize("kind", ["swiglu", "mlp"])
 def test_the_named_steps_compute_the_layer(name: str, kind: str) -> None:
     """permute -> compute -> combine, run one by one, equal the dispatcher called whole and the loop
@@ -158,7 +158,8 @@ def test_register_dispatcher_makes_a_new_backend_a_choice_everywhere() -> None:
                                moe=MoEConfig(num_experts=4, expert_d_ff=8, dispatcher="counting"))
         model(torch.randint(0, 32, (2, 8)))
         assert len(calls) == 3  # one per MoE layer
-        with pytest.raises(ValueError, match=r"valid names are \['counting', 'grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"):
+        valid = r"\['auto', 'counting', 'grouped', 'loop', 'triton', 'triton-grouped_mm', 'triton-kernels'\]"
+        with pytest.raises(ValueError, match=r"valid names are " + valid):
             MoEConfig(dispatcher="nope")
     finally:
         DISPATCHERS.pop("counting")
@@ -166,8 +167,30 @@ def test_register_dispatcher_makes_a_new_backend_a_choice_everywhere() -> None:
 
 def test_assigning_a_dispatcher_replaces_the_backend() -> None:
     layer = MoELayer(8, 6, 4)
-    assert layer.dispatcher.name == "grouped"
+    assert layer.dispatcher.name == "auto"
     layer.dispatcher = "loop"
     assert layer.dispatcher.name == "loop" and "dispatcher='loop'" in repr(layer)
     with pytest.raises(ValueError, match="Unknown `dispatcher`"):
         layer.dispatcher = "fast"
+
+
+def test_auto_is_grouped_on_cpu_silently() -> None:
+    # The default: on CPU it is the grouped backend, bit for bit, and never tries the kernels
+    # (not even under Triton's interpreter, which the test session turns on), so it never warns.
+    import warnings
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 6, router=TopKRouter(16, 6, top_k=2))
+    grouped = copy.deepcopy(layer)
+    grouped.dispatcher = "grouped"
+    assert layer.dispatcher.name == "auto" and MoEConfig().dispatcher == "auto"
+    x = torch.randn(2, 10, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y_auto, g_auto = run_backward(layer, x, torch.ones_like(x))
+        dispatcher = layer.dispatcher
+        x_AD, plan = dispatcher.permute(x.reshape(-1, 16), layer.router(x.reshape(-1, 16)))
+        dispatcher.combine(dispatcher.compute(x_AD, plan, layer.experts), plan)
+    y_grouped, g_grouped = run_backward(grouped, x, torch.ones_like(x))
+    assert torch.equal(y_auto, y_grouped)
+    assert all(torch.equal(g_auto[name], g_grouped[name]) for name in g_auto)

@@ -188,3 +188,80 @@ def test_autocast_reaches_the_experts() -> None:
     y.float().square().sum().backward()
     assert layer.experts.w_gate_EDF.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), layer(x).detach(), atol=0.05, rtol=0.05)
+
+
+# Recycled buffers: layers big enough that every buffer is recycled (RECYCLE_MIN_BYTES lowered).
+
+@pytest.fixture
+def recycle_everything(monkeypatch):
+    monkeypatch.setattr(grouped, "RECYCLE_MIN_BYTES", 1)
+
+
+def _layer_pair(seed: int = 0) -> tuple[MoELayer, MoELayer]:
+    torch.manual_seed(seed)
+    layer = MoELayer(16, 24, 6, router=TopKRouter(16, 6, top_k=2))
+    reference = copy.deepcopy(layer)
+    reference.dispatcher = "loop"
+    return layer, reference
+
+
+def test_recycled_gradients_reuse_storage_once_zero_grad_dropped_them(recycle_everything) -> None:
+    layer, _ = _layer_pair()
+    x = torch.randn(40, 16)
+    pointers = []
+    for _ in range(3):
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        pointers.append(layer.experts.w_gate_EDF.grad.data_ptr())
+    kept = grouped._recycled[layer.experts.w_gate_EDF]["d_w_gate"]  # (malloc may reuse an address by itself)
+    assert pointers[0] == pointers[1] == pointers[2] == kept.data_ptr()  # the same storage: no fresh pages
+
+
+def test_a_gradient_someone_still_holds_is_never_overwritten(recycle_everything) -> None:
+    layer, reference = _layer_pair()
+    x1, x2 = torch.randn(40, 16), torch.randn(40, 16)
+    layer(x1).square().sum().backward()
+    held = layer.experts.w_gate_EDF.grad  # the user keeps the tensor itself
+    snapshot = held.clone()
+    layer.zero_grad(set_to_none=True)
+    layer(x2).square().sum().backward()
+    assert torch.equal(held, snapshot)
+    assert layer.experts.w_gate_EDF.grad.data_ptr() != held.data_ptr()
+    reference(x2).square().sum().backward()
+    torch.testing.assert_close(layer.experts.w_gate_EDF.grad, reference.experts.w_gate_EDF.grad)
+
+
+def test_gradients_kept_between_steps_accumulate(recycle_everything) -> None:
+    # zero_grad(set_to_none=False) / gradient accumulation: w.grad holds the kept storage, so the
+    # next gradient is fresh and autograd adds it in place; the sum is right.
+    layer, reference = _layer_pair()
+    xs = [torch.randn(40, 16) for _ in range(3)]
+    for model in (layer, reference):
+        for x in xs:
+            model(x).square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_a_layer_called_twice_in_one_step_and_checkpointed(recycle_everything) -> None:
+    # Two forwards before one backward (shared weights), and non-reentrant activation
+    # checkpointing (the forward runs again inside the backward): saved activations and gradients
+    # still in use are never reused.
+    from torch.utils.checkpoint import checkpoint
+
+    layer, reference = _layer_pair()
+    x1, x2 = torch.randn(40, 16), torch.randn(40, 16)
+    for model in (layer, reference):
+        y = model(x1) + checkpoint(model, model(x2), use_reentrant=False)
+        y.square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_an_output_someone_holds_is_never_overwritten(recycle_everything) -> None:
+    layer, _ = _layer_pair()
+    with torch.no_grad():
+        y1 = layer(torch.randn(40, 16))
+        snapshot = y1.clone()
+        y2 = layer(torch.randn(40, 16))
+    assert torch.equal(y1, snapshot) and not torch.equal(y1, y2)

@@ -347,3 +347,19 @@ def test_gpu_engines_in_bfloat16_match_loop_and_do_not_sync() -> None:
             get_dispatcher(name)(xg, routing, experts16).backward(dy.bfloat16())
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_autocast_reaches_the_kernels() -> None:
+    # Under bfloat16 autocast the permuted rows and the expert GEMMs run in bfloat16 (as a dense
+    # F.linear would) and the float32 weights still get float32 gradients.
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, router=TopKRouter(16, 4, top_k=2), dispatcher="triton-grouped_mm")
+    reference = copy.deepcopy(layer)
+    reference.dispatcher = "loop"
+    x = torch.randn(24, 16)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.experts.w_gate_EDF.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), reference(x).detach(), atol=0.05, rtol=0.05)
