@@ -61,7 +61,8 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in tensors)
+    # As autocast does: floating tensors other than float64 are cast.
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 class Dispatcher:

@@ -401,8 +401,15 @@ def _read_file(path: str) -> dict[EngineKey, str]:
         warnings.warn(f"{CACHE_ENV}={path!r} cannot be read ({error}); measuring afresh.", RuntimeWarning,
                       stacklevel=2)
         return {}
+    entries = data.get("choices", []) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        warnings.warn(f"{CACHE_ENV}={path!r} holds no list of choices; measuring afresh.", RuntimeWarning,
+                      stacklevel=2)
+        return {}
     choices = {}
-    for entry in data.get("choices", []) if isinstance(data, dict) else []:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
         try:
             key = EngineKey(str(entry["device"]), str(entry["dtype"]), int(entry["num_experts"]),
                             int(entry["d_model"]), int(entry["d_ff"]))

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
@@ -96,44 +96,59 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
+_worker_state = threading.local()
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of at least ``workers`` threads (a new one after ``fork`` or if too small)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:
-            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="lightning_moe-experts",
-                                                     initializer=_init_worker))
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="lightning_moe-experts"))
         return _pool[1]
 
 
-def _init_worker() -> None:
-    # One thread each: a worker's own OpenMP setting, so its matmuls start no nested team (extra
-    # OpenMP threads make every team's waits slow, the main thread's included). torch sets up its
-    # per-thread state here; in a forked child that also rebuilds the thread pool inherited from
-    # the parent, which two threads doing at once can break ("Invalid thread pool!"): one at a time.
-    with _pool_lock:
-        torch.set_num_threads(1)
+def _after_fork_in_child() -> None:
+    # A fork while another thread held a lock would leave it held in the child forever.
+    global _pool, _pool_lock, _recycle_lock
+    _pool, _pool_lock, _recycle_lock = None, threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _worker_task(work: Callable[[int, Slices], None], i: int, chunk: Slices, inference: bool) -> None:
+    if not getattr(_worker_state, "ready", False):
+        # Once per worker, while the caller waits with torch single-threaded: one thread each, a
+        # worker's own OpenMP setting, so its matmuls start no nested team (extra OpenMP threads
+        # make every team's waits slow, the main thread's included). torch sets up its per-thread
+        # state here; in a forked child that also rebuilds the thread pool inherited from the
+        # parent, which two threads doing at once can break ("Invalid thread pool!"): one at a time.
+        with _pool_lock:
+            torch.set_num_threads(1)
+        _worker_state.ready = True
+    # Grad mode and inference mode are per thread: the caller's are taken over.
+    with torch.inference_mode() if inference else torch.no_grad():
+        work(i, chunk)
 
 
 def _run(chunks: list[Slices], work: Callable[[int, Slices], None]) -> None:
     """``work(i, chunks[i])`` for every chunk, without autograd: on worker threads when there are several."""
+    inference = torch.is_inference_mode_enabled()
     if len(chunks) == 1:
-        with torch.no_grad():
+        with torch.inference_mode() if inference else torch.no_grad():
             work(0, chunks[0])
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' matmuls single-threaded too (the MKL setting is global)
     try:
-        futures = [_executor(len(chunks)).submit(_no_grad, work, i, chunk) for i, chunk in enumerate(chunks)]
+        pool = _executor(len(chunks))
+        futures = [pool.submit(_worker_task, work, i, chunk, inference) for i, chunk in enumerate(chunks)]
+        wait(futures)  # all of them, even when one failed: none may still be writing when this returns
         for future in futures:
             future.result()
     finally:
         torch.set_num_threads(threads)
-
-
-def _no_grad(work: Callable[[int, Slices], None], i: int, chunk: Slices) -> None:
-    with torch.no_grad():  # grad mode is per thread: a worker's is on
-        work(i, chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +164,9 @@ def _buffer(owner: Tensor, role: str, shape: tuple[int, ...], like: Tensor, *, z
     storage ``owner`` kept for ``role`` if nothing else holds it now, else a fresh one."""
     shape = tuple(shape)
     fresh = torch.zeros if zero else torch.empty
-    if like.device.type != "cpu" or _storage_use_count is None or \
+    if like.device.type != "cpu" or _storage_use_count is None or torch.is_inference_mode_enabled() or \
             like.element_size() * torch.Size(shape).numel() < RECYCLE_MIN_BYTES:
+        # (An inference tensor kept would refuse the writes of a later training step.)
         return fresh(shape, dtype=like.dtype, device=like.device)
     with _recycle_lock:
         kept_by_role = _recycled.get(owner)
@@ -168,7 +184,8 @@ def _buffer(owner: Tensor, role: str, shape: tuple[int, ...], like: Tensor, *, z
 def release_recycled_buffers() -> None:
     """Drop the buffers every layer keeps for reuse on CPU (each is freed once nothing else holds
     it); the next step makes them afresh. Between steps a layer keeps about its expert weights'
-    size (the gradients' storage) plus a few ``(T*K, F)`` and ``(T, D)`` activations."""
+    size (the gradients' storage), six ``(T*K, F)`` buffers (activations and scratch) and two
+    ``(T, D)`` ones (output and input gradient)."""
     with _recycle_lock:
         _recycled.clear()
 
@@ -180,8 +197,10 @@ def _gradient(w: Tensor, role: str) -> Tensor:
 
 
 def _accumulators(owner: Tensor, role: str, chunks: list[Slices], like: Tensor) -> list[Tensor]:
-    """One zeroed ``like``-shaped accumulator per chunk of experts."""
-    return [_buffer(owner, f"{role}{i}", like.shape, like, zero=True) for i in range(len(chunks))]
+    """One zeroed contiguous ``like``-shaped accumulator per chunk of experts; the first (the one
+    returned) recycled, the others fresh (one per thread would be a lot to keep on a many-core host)."""
+    return [_buffer(owner, role, like.shape, like, zero=True)] + \
+        [like.new_zeros(like.shape) for _ in chunks[1:]]
 
 
 def _sum_into_first(parts: list[Tensor]) -> Tensor:
@@ -227,7 +246,7 @@ def _grouped_swiglu_fwd(x_TD: Tensor, weight_A: Tensor, token_A: Tensor, counts_
 @_grouped_swiglu_fwd.register_fake
 def _(x_TD, weight_A, token_A, counts_E, w_gate_EDF, w_up_EDF, w_out_EFD):  # noqa: ANN001, ANN202
     g_AF = x_TD.new_empty(token_A.shape[0], w_gate_EDF.shape[2])
-    return torch.empty_like(x_TD), g_AF, torch.empty_like(g_AF), torch.empty_like(g_AF)
+    return x_TD.new_empty(x_TD.shape), g_AF, torch.empty_like(g_AF), torch.empty_like(g_AF)
 
 
 @torch.library.custom_op("lightning_moe::grouped_swiglu_bwd", mutates_args=())
@@ -286,7 +305,7 @@ def _grouped_swiglu_bwd(dy_TD: Tensor, x_TD: Tensor, weight_A: Tensor, token_A: 
 @_grouped_swiglu_bwd.register_fake
 def _(dy_TD, x_TD, weight_A, token_A, counts_E, g_AF, u_AF, hw_AF, w_gate_EDF, w_up_EDF, w_out_EFD,  # noqa: ANN001, ANN202
       needs_dx):
-    dx_TD = torch.empty_like(x_TD) if needs_dx else x_TD.new_empty(0, x_TD.shape[1])
+    dx_TD = x_TD.new_empty(x_TD.shape) if needs_dx else x_TD.new_empty(0, x_TD.shape[1])
     return (dx_TD, torch.empty_like(weight_A), torch.empty_like(w_gate_EDF), torch.empty_like(w_up_EDF),
             torch.empty_like(w_out_EFD))
 

@@ -133,8 +133,8 @@ def test_the_worker_pool_survives_fork(threads) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_layer_with_mixed_dtypes_and_no_input_grad() -> None:
-    # Frozen input (no dx), bfloat16 tokens: the op still gives the weights' and router's gradients.
+def test_a_layer_whose_input_needs_no_gradient() -> None:
+    # An input without grad (no dx computed): the op still gives the weights' and router's gradients.
     torch.manual_seed(0)
     layer = MoELayer(16, 24, 6, router=TopKRouter(16, 6, top_k=2))
     ref = copy.deepcopy(layer)
@@ -265,3 +265,20 @@ def test_an_output_someone_holds_is_never_overwritten(recycle_everything) -> Non
         snapshot = y1.clone()
         y2 = layer(torch.randn(40, 16))
     assert torch.equal(y1, snapshot) and not torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inference_mode_then_training(threads, monkeypatch, recycle_everything, workers) -> None:
+    # Lightning validates under inference_mode: worker threads take the caller's mode over, and no
+    # buffer made there (an inference tensor) is written by a later training step.
+    threads(workers)
+    monkeypatch.setattr(grouped, "PARALLEL_MAX_ROWS", 10**9)
+    layer, reference = _layer_pair()
+    x = torch.randn(40, 16)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    torch.testing.assert_close(y_inference, reference(x).detach())
+    for model in (layer, reference):
+        model(x).square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -247,6 +247,14 @@ def test_cache_file_round_trips(spies: Counter, tmp_path: Path, monkeypatch: pyt
     clear_engine_choices()
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         assert engine_choices() == {}
+    for corrupt in ('{"version": 1, "choices": null}', '{"choices": 5}', '[1, 2]'):
+        path.write_text(corrupt)
+        clear_engine_choices()
+        with pytest.warns(RuntimeWarning, match="no list of choices"):
+            assert engine_choices() == {}
+    path.write_text('{"choices": [7, "x", {"engine": "triton"}]}')  # entries of the wrong kind: skipped
+    clear_engine_choices()
+    assert engine_choices() == {}
 
 
 def test_forced_engine_from_yaml_config_and_layer(spies: Counter) -> None:
