@@ -35,12 +35,12 @@ def run(dispatcher: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 reference = run("loop")
-for name in ("auto", "grouped", "triton", "triton-kernels", "triton-grouped_mm"):
+for name in ("auto", "grouped", "triton"):  # dispatcher "triton-kernels" / "triton-grouped_mm" force an engine
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y, dx = run(name)
     note = f" (fell back: {caught[0].message})" if caught else ""
-    print(f"{name:17s} max |y - y_loop| = {(y - reference[0]).abs().max():.2e}, "
+    print(f"{name:8s} max |y - y_loop| = {(y - reference[0]).abs().max():.2e}, "
           f"max |dx - dx_loop| = {(dx - reference[1]).abs().max():.2e}{note}")
     torch.testing.assert_close(y, reference[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dx, reference[1], atol=1e-4, rtol=1e-4)

@@ -54,6 +54,10 @@ PARALLEL_MAX_ROWS = 128
 """Experts run in parallel worker threads (CPU) when their mean rows per expert is at most this;
 above it one expert's matmuls are large enough for torch's own threads."""
 
+PARALLEL_MIN_FLOPS = 1 << 24
+"""...and when one matmul phase (``2 * A * D * F`` FLOPs) is at least this (~0.3 ms of one core):
+below it, handing work to threads costs more than it saves."""
+
 RECYCLE_MIN_BYTES = 1 << 20
 """CPU buffers of at least this size are recycled (see the module docstring)."""
 
@@ -70,12 +74,13 @@ def _expert_slices(counts: list[int]) -> Slices:
     return slices
 
 
-def _chunks(slices: Slices, device: torch.device) -> list[Slices]:
+def _chunks(slices: Slices, device: torch.device, flops_per_row: int) -> list[Slices]:
     """The experts with rows, split into contiguous chunks of about equal rows: one per worker
-    thread when they are small and on CPU (see :data:`PARALLEL_MAX_ROWS`), else one chunk."""
+    thread when they are small, on CPU and there is enough work (:data:`PARALLEL_MAX_ROWS`,
+    :data:`PARALLEL_MIN_FLOPS`; ``flops_per_row`` is one matmul phase's, ``2 * D * F``), else one."""
     workers = min(torch.get_num_threads(), len(slices)) if device.type == "cpu" else 1
     rows = slices[-1][1].stop - slices[0][1].start if slices else 0
-    if workers <= 1 or rows > PARALLEL_MAX_ROWS * len(slices):
+    if workers <= 1 or rows > PARALLEL_MAX_ROWS * len(slices) or rows * flops_per_row < PARALLEL_MIN_FLOPS:
         return [slices]
     chunks: list[Slices] = [[] for _ in range(workers)]
     start = slices[0][1].start
@@ -217,7 +222,7 @@ def _grouped_swiglu_fwd(x_TD: Tensor, weight_A: Tensor, token_A: Tensor, counts_
                         w_up_EDF: Tensor, w_out_EFD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y_TD, g_AF, u_AF, hw_AF)``: the output and the activations the backward reads."""
     slices = _expert_slices(counts_E.tolist())
-    chunks = _chunks(slices, x_TD.device)
+    chunks = _chunks(slices, x_TD.device, 2 * x_TD.shape[1] * w_gate_EDF.shape[2])
     shape_AF = (token_A.numel(), w_gate_EDF.shape[2])
     g_AF, u_AF, hw_AF = (_buffer(w_gate_EDF, role, shape_AF, x_TD) for role in ("g", "u", "hw"))
     y_parts = _accumulators(w_gate_EDF, "y", chunks, x_TD)
@@ -257,7 +262,7 @@ def _grouped_swiglu_bwd(dy_TD: Tensor, x_TD: Tensor, weight_A: Tensor, token_A: 
     ``needs_dx``."""
     counts = counts_E.tolist()
     slices = _expert_slices(counts)
-    chunks = _chunks(slices, x_TD.device)
+    chunks = _chunks(slices, x_TD.device, 2 * x_TD.shape[1] * w_gate_EDF.shape[2])
     dy_TD = dy_TD.contiguous()
     d_w_gate, d_w_up, d_w_out = _gradient(w_gate_EDF, "d_w_gate"), _gradient(w_up_EDF, "d_w_up"), \
         _gradient(w_out_EFD, "d_w_out")

@@ -59,10 +59,11 @@ def test_matches_the_reference_split_over_workers_or_not(threads, monkeypatch, w
                                                          experts, top_k, empty) -> None:
     threads(workers)
     monkeypatch.setattr(grouped, "PARALLEL_MAX_ROWS", 10**9)  # split whenever there are several threads
+    monkeypatch.setattr(grouped, "PARALLEL_MIN_FLOPS", 0)
     torch.manual_seed(tokens + experts)
     weight_A, token_A, counts_E = random_assignments(tokens, experts, top_k, empty)
     expected_chunks = min(workers, int((counts_E > 0).sum()))
-    assert len(grouped._chunks(grouped._expert_slices(counts_E.tolist()), torch.device("cpu"))) == expected_chunks
+    assert len(grouped._chunks(grouped._expert_slices(counts_E.tolist()), torch.device("cpu"), 1)) == expected_chunks
     leaves = [torch.randn(tokens, d_model, dtype=torch.float64), weight_A,
               *(torch.randn(experts, *shape, dtype=torch.float64) / 4
                 for shape in ((d_model, d_ff), (d_model, d_ff), (d_ff, d_model)))]
@@ -92,20 +93,23 @@ def test_no_rows_at_all() -> None:
     assert all(float(w.grad.abs().max()) == 0.0 for w in weights)
 
 
-def test_large_experts_run_one_at_a_time(threads) -> None:
-    # Above PARALLEL_MAX_ROWS rows per expert each expert's matmuls get torch's own threads instead.
+def test_large_experts_and_little_work_run_one_at_a_time(threads) -> None:
+    # Above PARALLEL_MAX_ROWS rows per expert each expert's matmuls get torch's own threads instead;
+    # below PARALLEL_MIN_FLOPS of work threads cost more than they save.
     threads(2)
     few = grouped._expert_slices([grouped.PARALLEL_MAX_ROWS] * 4)
     many = grouped._expert_slices([grouped.PARALLEL_MAX_ROWS + 1] * 4)
-    assert len(grouped._chunks(few, torch.device("cpu"))) == 2
-    assert len(grouped._chunks(many, torch.device("cpu"))) == 1
-    assert len(grouped._chunks(few, torch.device("meta"))) == 1  # worker threads on CPU only
+    enough = -(-grouped.PARALLEL_MIN_FLOPS // (grouped.PARALLEL_MAX_ROWS * 4))  # FLOPs per row, just enough
+    assert len(grouped._chunks(few, torch.device("cpu"), enough)) == 2
+    assert len(grouped._chunks(few, torch.device("cpu"), enough - 1)) == 1
+    assert len(grouped._chunks(many, torch.device("cpu"), enough)) == 1
+    assert len(grouped._chunks(few, torch.device("meta"), enough)) == 1  # worker threads on CPU only
 
 
 def test_worker_threads_are_balanced_by_rows_and_contiguous(threads) -> None:
     threads(2)
     slices = grouped._expert_slices([10, 0, 30, 5, 5, 10, 20])
-    chunks = grouped._chunks(slices, torch.device("cpu"))
+    chunks = grouped._chunks(slices, torch.device("cpu"), 10**9)
     assert [[e for e, _ in c] for c in chunks] == [[0, 2], [3, 4, 5, 6]]  # 40 rows and 40 rows
 
 
@@ -115,7 +119,7 @@ def test_the_worker_pool_survives_fork(threads) -> None:
     script = textwrap.dedent("""
         import os, torch
         from lightning_moe.dispatch import grouped, grouped_swiglu
-        grouped.PARALLEL_MAX_ROWS = 10**9
+        grouped.PARALLEL_MAX_ROWS, grouped.PARALLEL_MIN_FLOPS = 10**9, 0
         torch.set_num_threads(2)
         x = torch.randn(20, 6); w = [torch.randn(4, 6, 5), torch.randn(4, 6, 5), torch.randn(4, 5, 6)]
         token_A = torch.arange(20); counts_E = torch.tensor([5, 5, 5, 5])
@@ -273,6 +277,7 @@ def test_inference_mode_then_training(threads, monkeypatch, recycle_everything, 
     # buffer made there (an inference tensor) is written by a later training step.
     threads(workers)
     monkeypatch.setattr(grouped, "PARALLEL_MAX_ROWS", 10**9)
+    monkeypatch.setattr(grouped, "PARALLEL_MIN_FLOPS", 0)
     layer, reference = _layer_pair()
     x = torch.randn(40, 16)
     with torch.inference_mode():
