@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,9 @@ from lightning_moe.experts import SwiGLU
 from lightning_moe.layers import MoELayer
 from lightning_moe.routing import TopKRouter
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_layer import device_name, synchronize  # noqa: E402  (a sibling script)
+
 
 def build(path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
@@ -50,11 +54,6 @@ def build(path: str, args: argparse.Namespace, device: torch.device, dtype: torc
         module = MoELayer(args.d_model, args.d_ff, args.experts,
                           router=TopKRouter(args.d_model, args.experts, top_k=args.top_k), dispatcher=path)
     return module.to(device, dtype)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Step:
@@ -149,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         values = times.get((path, mode))
         return f"{statistics.median(v[which] for v in values):.3f}" if values else "-"
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"### {datetime.date.today()}, {name}, torch {torch.__version__}, {dtype}".replace("torch.", ""))
+    print(f"### {datetime.date.today()}, {device_name(device)}, torch {torch.__version__}, "
+          f"{str(dtype).removeprefix('torch.')}")
     print(f"\nT={args.tokens} D={args.d_model} E={args.experts} K={args.top_k} F={args.d_ff}, {args.rounds} "
           f"interleaved rounds after {args.warmup} warm-up; medians\n")
     print("| path | host ms | step ms | host/step | graph host ms | graph step ms |")

@@ -70,7 +70,7 @@ from lightning_moe.models import MoETransformer
 from lightning_moe.routing import TopKRouter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import device_name  # noqa: E402  (a sibling script: one way to name the hardware)
+from moe_layer import device_name, synchronize  # noqa: E402  (a sibling script: one way to name the hardware)
 
 TARGET = 0.8
 DTYPES = ("float32", "bfloat16", "bfloat16-true")
@@ -244,11 +244,6 @@ def resolve_peak(args: argparse.Namespace, device: torch.device) -> tuple[float 
 
 
 # ----------------------------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, ids_BS1: Tensor,

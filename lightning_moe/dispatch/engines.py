@@ -326,10 +326,10 @@ def _available(x_AD: Tensor) -> tuple[list[str], list[str]]:
 
 def _auto_choice(x_AD: Tensor, weights: Weights, offsets_E1: Tensor) -> str:
     key = engine_key(x_AD, weights[0])
-    available, refused = _available(x_AD)
     cached = _cached_choice(key)
-    if cached in available:
-        return cached
+    if cached is not None and engine_unavailable_reason(cached, x_AD) is None:
+        return cached  # every call after the first: one check, not both engines'
+    available, refused = _available(x_AD)
     if not available:
         raise RuntimeError(f"No GEMM engine can run {x_AD.dtype} on {key.device}: {'; '.join(refused)}.")
     if len(available) == 1:

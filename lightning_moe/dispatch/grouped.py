@@ -24,7 +24,7 @@ Two things make many small experts fast on CPU:
 - *Recycled buffers.* A fresh large CPU tensor is page-faulted on first touch (glibc maps
   allocations this big afresh each time); at 256 experts faulting in the weight gradients cost as
   much as the matmuls that fill them. So each layer keeps the storage of its large buffers (the
-  weight gradients, the saved activations, the accumulators) and writes into it again once
+  weight gradients, the saved activations and scratch, the returned accumulator) and writes into it again once
   nothing else holds it: autograd made the gradient ``w.grad`` and ``zero_grad(set_to_none=True)``
   dropped it, the backward freed the activations. While anything still holds one (``w.grad``
   kept between steps, a reference the user kept, the layer called twice in one step) a fresh
@@ -97,24 +97,23 @@ def _max_rows(chunk: Slices) -> int:
 # ---------------------------------------------------------------------------------------------
 # Worker threads
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
 _worker_state = threading.local()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of at least ``workers`` threads (a new one after ``fork`` or if too small)."""
+    """A process-wide pool of at least ``workers`` threads (a new one if it is too small)."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:
-            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="lightning_moe-experts"))
-        return _pool[1]
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="lightning_moe-experts")
+        return _pool
 
 
 def _after_fork_in_child() -> None:
-    # A fork while another thread held a lock would leave it held in the child forever.
+    # The parent's pool has no threads here, and a fork while another thread held a lock would
+    # leave it held in the child forever: a new pool and new locks.
     global _pool, _pool_lock, _recycle_lock
     _pool, _pool_lock, _recycle_lock = None, threading.Lock(), threading.Lock()
 

@@ -1,7 +1,8 @@
 """The dispatcher registry: names in YAML and on the command line (``--model.moe.dispatcher``) map
 to dispatcher factories; a new backend is one :func:`register_dispatcher` call.
 
-Built in: ``loop`` (the reference), ``grouped``, ``triton`` (Triton permute and combine, expert
+Built in: ``auto`` (the default: ``grouped`` on CPU, ``triton`` on a GPU), ``loop`` (the
+reference), ``grouped``, ``triton`` (Triton permute and combine, expert
 GEMMs on the engine measured fastest, :mod:`lightning_moe.dispatch.engines`), and the same with the
 engine forced: ``triton-kernels`` (our Triton GEMMs) and ``triton-grouped_mm``
 (``torch.nn.functional.grouped_mm``).

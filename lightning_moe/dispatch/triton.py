@@ -83,7 +83,7 @@ class TritonDispatcher(GroupedDispatcher):
 
     def _falls_back(self, x: Tensor, experts: object | None = None) -> bool:
         """Whether to run the ``grouped`` backend's step instead (warning once per reason)."""
-        reason = _input_reason(x) if experts is None else fallback_reason(x, experts)
+        reason = _step_reason(x, experts)
         if reason is not None:
             _warn_fallback(reason)
         return reason is not None
@@ -143,12 +143,15 @@ class AutoDispatcher(TritonDispatcher):
         self.name = "auto"
 
     def _falls_back(self, x: Tensor, experts: object | None = None) -> bool:
-        if x.device.type == "cpu":
-            return True
-        return (_input_reason(x) if experts is None else fallback_reason(x, experts)) is not None
+        return x.device.type == "cpu" or _step_reason(x, experts) is not None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name='auto')"
+
+
+def _step_reason(x: Tensor, experts: object | None) -> str | None:
+    """Why the kernels cannot run a step on ``x`` (and ``experts``, for the steps that run them)."""
+    return _input_reason(x) if experts is None else fallback_reason(x, experts)
 
 
 def _input_reason(x: Tensor) -> str | None:
