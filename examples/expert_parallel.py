@@ -4,17 +4,18 @@
     torchrun --nproc_per_node 2 examples/expert_parallel.py --cuda   # 2 GPUs, NCCL
     python examples/expert_parallel.py                               # starts torchrun itself, 2 CPU processes
 
-Each rank builds the whole model with the same seed, then ``setup_expert_parallel`` keeps its half
-of every layer's experts; tokens reach their experts through a dropless all-to-all, so any router
-works unchanged. The script checks the sharded model against the whole one on this rank's
-batch, then trains a few steps, reducing gradients as DDP would (dense ones over all ranks, expert
-ones over the ranks that hold the same experts). With Lightning, ``MoELanguageModel(
+Each rank builds the model with ``expert_parallel_size=2``: the routed experts get no storage, and
+``setup_expert_parallel`` allocates and initialises only this rank's half of every layer's experts
+(expert ``e`` from the seed and ``e``, so the values are those of the whole model). Each token goes
+once to each rank holding any of its experts (a dropless all-to-all), so any router works unchanged.
+The script checks the sharded model against the whole one (built with ``expert_parallel_size=1``
+from the same seed) on this rank's batch, then trains a few steps, reducing gradients as DDP would
+(dense ones over all ranks, expert ones over the ranks that hold the same experts). With Lightning, ``MoELanguageModel(
 moe=MoEConfig(expert_parallel_size=2))`` does all of this (see the README); with DeepSpeed, use
 ``MoEDeepSpeedStrategy``.
 """
 
 import argparse
-import copy
 import os
 import socket
 import subprocess
@@ -65,11 +66,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", rank % torch.cuda.device_count()) if args.cuda else torch.device("cpu")
 
-    torch.manual_seed(0)  # the same whole model on every rank
-    model = Stack(d_model=32, num_experts=8, layers=2, ep=world)
-    whole = copy.deepcopy(model).to(device)
-    setup_expert_parallel(model)  # keep this rank's 8 / world experts per layer
-    model.to(device)
+    torch.manual_seed(0)  # the same model on every rank
+    model = Stack(d_model=32, num_experts=8, layers=2, ep=world).to(device)  # experts without storage yet
+    setup_expert_parallel(model)  # storage and initial values for this rank's 8 / world experts per layer
+    torch.manual_seed(0)
+    whole = Stack(d_model=32, num_experts=8, layers=2, ep=1).to(device)  # the same model, all experts here
 
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(rank)).to(device)  # this rank's batch
     target = x.sum(-1).sin()

@@ -37,6 +37,7 @@ from lightning_moe.callbacks.stops import Preempted, TrainingStopped
 from lightning_moe.data.datamodule import TextDataModule
 from lightning_moe.models.transformer import MOVED_TO_MOE
 from lightning_moe.module import MoELanguageModel
+from lightning_moe.parallel.ddp_strategy import MoEDDPStrategy  # noqa: F401 - registers `--trainer.strategy moe_ddp`
 
 #: The collective timeout the command gives DDP and DeepSpeed unless the strategy sets ``timeout``:
 #: a rank that hangs makes the others fail after this long instead of torch's 30 minutes.

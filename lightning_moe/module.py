@@ -11,7 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_moe._validate import check_non_negative, check_positive_int
@@ -196,13 +196,19 @@ class MoELanguageModel(L.LightningModule):
         moe: the MoE layers: experts, router, balancers (``None``: ``[SwitchAuxLoss(0.01),
             ZLoss(0.001)]``), capacity, dispatcher, fine-grained and shared experts, expert
             parallelism (:class:`~lightning_moe.layers.MoEConfig`). With
-            ``moe.expert_parallel_size`` P > 1 the model is built whole and :meth:`setup` keeps
-            each rank's ``E / P`` experts (:func:`~lightning_moe.parallel.setup_expert_parallel`),
-            after checking that P divides the number of processes. Tokens reach their experts by
-            a dropless all-to-all; under DDP the expert gradients are averaged over the ranks
+            ``moe.expert_parallel_size`` P > 1 the routed experts are built without storage and
+            :meth:`setup` allocates each rank's ``E / P`` experts only
+            (:func:`~lightning_moe.parallel.setup_expert_parallel`), after checking that P divides
+            the number of processes; every expert starts from its global index, so the model is
+            the one P = 1 builds for the same seed and no rank holds all experts. Tokens reach
+            their experts by a dropless all-to-all; under DDP the expert gradients are averaged over the ranks
             holding the same experts, under DeepSpeed its engine does it (use
-            :class:`~lightning_moe.parallel.MoEDeepSpeedStrategy`). Checkpoints hold whole expert
-            tensors and load at any expert-parallel size.
+            :class:`~lightning_moe.parallel.MoEDeepSpeedStrategy`). Checkpoints load at any
+            expert-parallel size: under ``moe_ddp``
+            (:class:`~lightning_moe.parallel.MoEDDPStrategy`) each rank writes and reads its own
+            expert rows (a sharded directory; :func:`~lightning_moe.parallel.load_full_state_dict`
+            joins it offline); under plain ``ddp`` the whole expert tensors are gathered into one
+            file, which needs the whole model to fit on a rank.
         optimizer: optimizer factory, called with the parameters.
         lr_scheduler: LR scheduler factory, called with the optimizer and stepped every
             optimizer step; ``None`` keeps the LR constant.
@@ -298,7 +304,10 @@ class MoELanguageModel(L.LightningModule):
 
     def upcycle(self, dense_checkpoint: str) -> None:
         """Load a dense ``MoELanguageModel`` checkpoint's weights and upcycle its FFNs into this
-        model's experts (``split`` when ``granularity > 1``, else ``copy``)."""
+        model's experts (``split`` when ``granularity > 1``, else ``copy``). Under expert
+        parallelism, once sharded (:meth:`setup` calls this after sharding), each rank writes its
+        own experts only, with the noise P = 1 gives them
+        (:func:`~lightning_moe.upcycling.upcycle_state_dict`)."""
         from lightning_moe.upcycling import upcycle_state_dict
 
         if not Path(dense_checkpoint).is_file():
@@ -312,14 +321,15 @@ class MoELanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Expert parallelism: check the process count, create the groups and shard the experts,
         on every rank, before the strategy wraps the model (DDP then leaves the expert parameters
-        to :meth:`on_before_optimizer_step`). Upcycling (``upcycle_from``) runs first, on the whole
-        model, when fitting starts from scratch."""
-        # After Lightning chose a `ckpt_path`: resuming an upcycled run continues it.
-        if stage == "fit" and self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
-            self.upcycle(self.upcycle_from)
+        to :meth:`on_before_optimizer_step`); each rank allocates its own experts only. Upcycling
+        (``upcycle_from``) runs next, when fitting starts from scratch: each rank fills its own
+        experts from the dense checkpoint."""
         if self.expert_parallel_size > 1:
             check_expert_parallel_size(self.expert_parallel_size, self.trainer.world_size)
             self._ddp_params_and_buffers_to_ignore = setup_expert_parallel(self)
+        # After Lightning chose a `ckpt_path`: resuming an upcycled run continues it.
+        if stage == "fit" and self.upcycle_from is not None and self.trainer.ckpt_path is None and not self._upcycled:
+            self.upcycle(self.upcycle_from)
         if stage == "fit" and self.trainer.world_size == 1:
             # Lightning's model summary counts the real FLOPs of one sequence's forward (in eval mode, so no
             # running statistics move; the RNG is restored in on_fit_start). Only on one process: the summary
@@ -338,15 +348,30 @@ class MoELanguageModel(L.LightningModule):
         return any(layer.expert_parallel is not None and layer.expert_parallel.backend == "torch"
                    for _, layer in expert_parallel_layers(self))
 
+    def _strategy_writes_expert_shards(self) -> bool:
+        """Whether the strategy writes each rank's expert rows itself (``writes_expert_shards``:
+        :class:`~lightning_moe.parallel.MoEDDPStrategy`), so nothing is gathered."""
+        trainer = self._trainer
+        return trainer is not None and getattr(trainer.strategy, "writes_expert_shards", False)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._strategy_writes_expert_shards():
+            return  # each rank writes its own expert rows, weights and optimizer state
         # Whole expert tensors (gathered from the expert-parallel group): loadable at any size.
         gather_expert_state_dict(self, checkpoint["state_dict"])
         if self._torch_expert_parallel():
+            if not getattr(self, "_warned_gathered_checkpoint", False):
+                self._warned_gathered_checkpoint = True
+                rank_zero_warn("This checkpoint gathers every expert onto each rank (plain `ddp`): it needs the "
+                               "whole model to fit on one rank. `--trainer.strategy moe_ddp` (MoEDDPStrategy) writes "
+                               "sharded checkpoints instead, each rank its own experts.")
             for state in checkpoint.get("optimizer_states", []):
                 gather_expert_optimizer_state(self, state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The weights are resliced by each MoELayer's load hook; the optimizer state here.
+        # Whole expert tensors (a gathered checkpoint) are resliced to this rank's rows by each MoELayer's load
+        # hook, the optimizer state here (a sharded checkpoint arrives with this rank's rows: nothing to slice);
+        # either way the saved parameter groups take this model's expert-parallel group names.
         for state in checkpoint.get("optimizer_states", []):
             slice_expert_optimizer_state(self, state)
 

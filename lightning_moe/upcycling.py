@@ -11,7 +11,11 @@ Upcycling"; LLaMA-MoE and Qwen1.5-MoE for the fine-grained split):
   average back to the FFN (below).
 
 Optional ``noise >= 0`` perturbs every expert tensor: ``w + noise * std(w) * eps`` with ``eps``
-standard normal from a ``torch.Generator`` seeded with ``seed``, so that copies differ.
+standard normal, so that copies differ. Expert ``e`` of MoE layer ``l`` draws its noise from its
+own generator, :func:`~lightning_moe.experts.protocol.expert_generator` ``(seed, l, e)``: the
+upcycled model is the same whichever experts a rank holds, so under expert parallelism each rank
+builds its own experts only (``experts``, the global indices; :func:`upcycle_state_dict` fills a
+sharded model's rows).
 
 Function preservation (``noise = 0``; ``FFN_s`` is the FFN restricted to slice ``s``, so that
 ``FFN = sum_s FFN_s`` for SwiGLU, and ``sum_s FFN_s + b_out`` with an output bias):
@@ -51,6 +55,7 @@ from torch import Tensor, nn
 from lightning_moe._validate import check_non_negative, check_positive_int, divisors
 from lightning_moe.balancing.losses import Balancer
 from lightning_moe.experts.mlp import MLPExperts
+from lightning_moe.experts.protocol import expert_generator
 from lightning_moe.experts.swiglu import SwiGLU
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.moe_layer import MoELayer
@@ -91,24 +96,33 @@ def _check_granularity(method: str, granularity: int, d_ff: int, num_experts: in
     return granularity
 
 
-def _generator(seed: int, generator: torch.Generator | None) -> torch.Generator:
-    return generator if generator is not None else torch.Generator().manual_seed(seed)
+def _expert_indices(experts: Sequence[int] | None, num_experts: int) -> list[int]:
+    """The global experts to build (all E when ``None``), checked against ``num_experts``."""
+    indices = list(range(num_experts)) if experts is None else [int(e) for e in experts]
+    if not indices or any(not 0 <= e < num_experts for e in indices):
+        raise ValueError(f"`experts` must be global expert indices in [0, {num_experts}), got {experts!r}.")
+    return indices
+
+
+def _noise_generators(seed: int, layer: int, experts: Sequence[int]) -> list[torch.Generator]:
+    """One generator per expert, seeded from ``(seed, layer, expert)``."""
+    return [expert_generator(seed, layer, e) for e in experts]
 
 
 # ---------------------------------------------------------------------------------------------
 # Core: dense tensors -> grouped expert tensors
 
 
-def _experts_from(t: Tensor, neuron_dim: int | None, num_experts: int, granularity: int, scale: float,
-                  noise: float, generator: torch.Generator) -> Tensor:
-    """``(E, ...)``: expert ``e`` holds slice ``e % m`` of ``t`` along ``neuron_dim`` (the whole
-    tensor when ``None``), times ``scale``, plus its own noise."""
+def _experts_from(t: Tensor, neuron_dim: int | None, experts: Sequence[int], granularity: int, scale: float,
+                  noise: float, generators: Sequence[torch.Generator]) -> Tensor:
+    """``(len(experts), ...)``: global expert ``e`` holds slice ``e % m`` of ``t`` along ``neuron_dim``
+    (the whole tensor when ``None``), times ``scale``, plus noise from its own generator."""
     t = t.detach()
     if neuron_dim is None:
-        pieces = [t] * num_experts
+        pieces = [t] * len(experts)
     else:
         slices = t.chunk(granularity, dim=neuron_dim)
-        pieces = [slices[e % granularity] for e in range(num_experts)]
+        pieces = [slices[e % granularity] for e in experts]
     stacked = torch.stack(pieces) * scale
     if noise == 0:
         return stacked
@@ -116,8 +130,9 @@ def _experts_from(t: Tensor, neuron_dim: int | None, num_experts: int, granulari
     dtype = torch.promote_types(stacked.dtype, torch.float32)
     flat = stacked.to(dtype).flatten(1)
     std_E = flat.std(dim=1) if flat.shape[1] > 1 else flat.abs().squeeze(1)
-    eps = torch.randn(stacked.shape, generator=generator, dtype=dtype).to(stacked.device)
-    return (stacked.to(dtype) + noise * std_E.view(-1, *[1] * (stacked.dim() - 1)) * eps).to(stacked.dtype)
+    eps = torch.stack([torch.randn(stacked.shape[1:], generator=g, dtype=dtype) for g in generators])
+    return (stacked.to(dtype) + noise * std_E.view(-1, *[1] * (stacked.dim() - 1)) * eps.to(stacked.device)).to(
+        stacked.dtype)
 
 
 def upcycle_swiglu(
@@ -129,15 +144,17 @@ def upcycle_swiglu(
     granularity: int = 1,
     noise: float = 0.0,
     seed: int = 0,
-    generator: torch.Generator | None = None,
+    experts: Sequence[int] | None = None,
+    layer: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A dense SwiGLU FFN's weights -> ``(w_gate_EDF, w_up_EDF, w_out_EFD)`` of E experts.
 
     Takes ``SwiGLU``'s ``gate.weight`` ``(F, D)``, ``up.weight`` ``(F, D)`` and ``out.weight``
     ``(D, F)``; returns :class:`~lightning_moe.experts.SwiGLUExperts`' layout with
     ``Fe = F`` (copy) or ``F / granularity`` (split). See the module docstring for which
-    routers preserve the dense function. ``generator`` (when given) replaces the one seeded
-    with ``seed``, so that a caller can draw the noise of many layers from one stream.
+    routers preserve the dense function. ``experts`` (global indices in ``[0, num_experts)``,
+    default all) chooses the rows built, e.g. one rank's under expert parallelism; expert ``e``'s
+    noise comes from ``(seed, layer, e)`` whichever rows are built.
     """
     noise = _check_method_and_noise(method, noise)
     d_ff, d_model = w_gate_FD.shape
@@ -145,10 +162,11 @@ def upcycle_swiglu(
         raise ValueError(f"SwiGLU weights must be gate (F, D), up (F, D), out (D, F); got {tuple(w_gate_FD.shape)}, "
                          f"{tuple(w_up_FD.shape)}, {tuple(w_out_DF.shape)}.")
     m = _check_granularity(method, granularity, d_ff, num_experts)
-    gen = _generator(seed, generator)
-    w_gate_EDF = _experts_from(w_gate_FD.t(), 1, num_experts, m, 1.0, noise, gen)
-    w_up_EDF = _experts_from(w_up_FD.t(), 1, num_experts, m, 1.0, noise, gen)
-    w_out_EFD = _experts_from(w_out_DF.t(), 0, num_experts, m, float(m), noise, gen)
+    rows = _expert_indices(experts, num_experts)
+    gens = _noise_generators(seed, layer, rows)
+    w_gate_EDF = _experts_from(w_gate_FD.t(), 1, rows, m, 1.0, noise, gens)
+    w_up_EDF = _experts_from(w_up_FD.t(), 1, rows, m, 1.0, noise, gens)
+    w_out_EFD = _experts_from(w_out_DF.t(), 0, rows, m, float(m), noise, gens)
     return w_gate_EDF, w_up_EDF, w_out_EFD
 
 
@@ -162,13 +180,15 @@ def upcycle_mlp(
     granularity: int = 1,
     noise: float = 0.0,
     seed: int = 0,
-    generator: torch.Generator | None = None,
+    experts: Sequence[int] | None = None,
+    layer: int = 0,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """A dense MLP ``act(x W_in^T + b_in) W_out^T + b_out`` -> ``(w_in_EDF, b_in_EF, w_out_EFD, b_out_ED)``.
 
     ``nn.Linear`` layout in (``(F, D)``, ``(D, F)``), :class:`~lightning_moe.experts.MLPExperts`'
     layout out. With split, ``b_in`` is cut with the neurons, ``W_out`` is multiplied by ``m``
     and ``b_out`` is copied whole and unscaled (module docstring). Missing biases stay ``None``.
+    ``experts`` and ``layer`` as in :func:`upcycle_swiglu`.
     """
     noise = _check_method_and_noise(method, noise)
     d_ff, d_model = w_in_FD.shape
@@ -176,11 +196,12 @@ def upcycle_mlp(
         raise ValueError(f"MLP weights must be in (F, D) and out (D, F); got {tuple(w_in_FD.shape)}, "
                          f"{tuple(w_out_DF.shape)}.")
     m = _check_granularity(method, granularity, d_ff, num_experts)
-    gen = _generator(seed, generator)
-    w_in_EDF = _experts_from(w_in_FD.t(), 1, num_experts, m, 1.0, noise, gen)
-    b_in_EF = None if b_in_F is None else _experts_from(b_in_F, 0, num_experts, m, 1.0, noise, gen)
-    w_out_EFD = _experts_from(w_out_DF.t(), 0, num_experts, m, float(m), noise, gen)
-    b_out_ED = None if b_out_D is None else _experts_from(b_out_D, None, num_experts, m, 1.0, noise, gen)
+    rows = _expert_indices(experts, num_experts)
+    gens = _noise_generators(seed, layer, rows)
+    w_in_EDF = _experts_from(w_in_FD.t(), 1, rows, m, 1.0, noise, gens)
+    b_in_EF = None if b_in_F is None else _experts_from(b_in_F, 0, rows, m, 1.0, noise, gens)
+    w_out_EFD = _experts_from(w_out_DF.t(), 0, rows, m, float(m), noise, gens)
+    b_out_ED = None if b_out_D is None else _experts_from(b_out_D, None, rows, m, 1.0, noise, gens)
     return w_in_EDF, b_in_EF, w_out_EFD, b_out_ED
 
 
@@ -222,13 +243,16 @@ def upcycle_moe_layer(
     method: UpcycleMethod = "copy",
     noise: float = 0.0,
     seed: int = 0,
-    generator: torch.Generator | None = None,
+    layer_index: int = 0,
     zero_router: bool = False,
 ) -> None:
     """Fill ``layer``'s SwiGLU experts from a dense SwiGLU (or its state_dict: ``gate.weight``,
     ``up.weight``, ``out.weight``), in place.
 
-    The granularity is the dense width over the expert width (1 for copy). Shared experts, if the
+    The granularity is the dense width over the expert width (1 for copy). Only the experts the
+    layer holds are built (``layer.expert_rows``: this rank's once sharded for expert
+    parallelism), expert ``e``'s noise from ``(seed, layer_index, e)``; lazily built experts of a
+    layer not sharded yet get all E rows first (:meth:`MoELayer.materialize`). Shared experts, if the
     layer has them, get a zero output projection so that they add nothing at first (the function
     is kept; they learn from there). ``zero_router`` zeroes the router's expert rows.
     """
@@ -246,7 +270,10 @@ def upcycle_moe_layer(
         raise ValueError(f"Width mismatch: the dense FFN has d_model={w_gate_FD.shape[1]}, the MoE layer "
                          f"d_model={layer.d_model}.")
     m = _split_factor(method, w_gate_FD.shape[0], experts.d_ff)
-    weights = upcycle_swiglu(w_gate_FD, w_up_FD, w_out_DF, experts.num_experts, method, m, noise, seed, generator)
+    layer.materialize()
+    rows = layer.expert_rows
+    weights = upcycle_swiglu(w_gate_FD, w_up_FD, w_out_DF, layer.num_experts, method, m, noise, seed,
+                             experts=range(rows.start, rows.stop), layer=layer_index)
     for target, source in zip((experts.w_gate_EDF, experts.w_up_EDF, experts.w_out_EFD), weights, strict=True):
         target.copy_(source)
     if layer.shared_expert is not None:
@@ -306,7 +333,7 @@ def upcycle(
         method: ``"copy"`` or ``"split"``.
         granularity: slices m per FFN for split, dividing ``d_ff``; must be 1 for copy.
         noise: relative noise added to each expert tensor, >= 0 (0 keeps exact copies/slices).
-        seed: seeds the generator the noise is drawn from.
+        seed: seeds the noise: expert ``e`` of the ``l``-th MoE layer draws from ``(seed, l, e)``.
         moe_every, first_dense_layers, dispatcher, balancers, capacity: as in MoETransformer.
         zero_router: zero the routers' expert rows (equal gates; split's exact case).
     """
@@ -368,9 +395,11 @@ def upcycle_state_dict(
     copied; each MoE layer's experts are upcycled from the dense FFN at the same block
     (``blocks.{i}.ffn.{gate,up,out}.weight``) with :func:`upcycle_moe_layer`, the split
     granularity being ``model.granularity``. Routers keep their initialisation unless
-    ``zero_router``. One generator seeded with ``seed`` draws the noise of all layers in order.
-    Raises ``ValueError`` listing every missing, unexpected and mis-shaped key when the
-    checkpoint does not fit (other dims, other depth, or MoE keys in the checkpoint).
+    ``zero_router``. The noise of expert ``e`` of the ``l``-th MoE layer (the MTP modules' last)
+    comes from ``(seed, l, e)``. Under expert parallelism, call it after sharding: each rank
+    writes its own experts only, the same rows as at P = 1. Raises ``ValueError`` listing every
+    missing, unexpected and mis-shaped key when the checkpoint does not fit (other dims, other
+    depth, or MoE keys in the checkpoint).
     """
     _check_method_and_noise(method, noise)
     source = {k[len(prefix):]: v for k, v in dense_state_dict.items() if k.startswith(prefix)}
@@ -390,10 +419,9 @@ def upcycle_state_dict(
     for layer in moe.values() if zero_router else ():
         _router_rows(layer.router)  # fail before changing anything
     model.load_state_dict({k: v for k, v in source.items() if not k.startswith(tuple(moe))}, strict=False)
-    generator = torch.Generator().manual_seed(seed)
-    for ffn_prefix, layer in moe.items():
+    for index, (ffn_prefix, layer) in enumerate(moe.items()):
         dense = {name: source[ffn_prefix + name] for name in ("gate.weight", "up.weight", "out.weight")}
-        upcycle_moe_layer(layer, dense, method, noise, generator=generator, zero_router=zero_router)
+        upcycle_moe_layer(layer, dense, method, noise, seed, layer_index=index, zero_router=zero_router)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,9 +456,9 @@ def _hf_activation(model: nn.Module) -> str:
 
 @torch.no_grad()
 def _fill_mlp_experts(experts: MLPExperts, w_in: nn.Linear, w_out: nn.Linear, method: str, granularity: int,
-                      noise: float, generator: torch.Generator) -> None:
+                      noise: float, seed: int, layer: int) -> None:
     weights = upcycle_mlp(w_in.weight, w_in.bias, w_out.weight, w_out.bias, experts.num_experts, method,
-                          granularity, noise, generator=generator)
+                          granularity, noise, seed, layer=layer)
     targets = (experts.w_in_EDF, experts.b_in_EF, experts.w_out_EFD, experts.b_out_ED)
     for target, source in zip(targets, weights, strict=True):
         if target is not None:
@@ -467,9 +495,8 @@ def upcycle_hf_bert(
     for _, bert_layer in layers:
         _check_granularity(method, granularity, bert_layer.intermediate.dense.out_features, num_experts)
     m = granularity
-    generator = torch.Generator().manual_seed(seed)
     new_layers = []  # built first and swapped in at the end, so that an error leaves the model as it was
-    for _, bert_layer in layers:
+    for index, (_, bert_layer) in enumerate(layers):
         w_in, w_out = bert_layer.intermediate.dense, bert_layer.output.dense
         d_ff, d_model = w_in.weight.shape
         layer_router = build_router(router, d_model, num_experts, m)
@@ -478,7 +505,7 @@ def upcycle_hf_bert(
         experts = partial(MLPExperts, activation=activation, bias=w_in.bias is not None)
         layer = MoELayer(d_model, d_ff // m, num_experts, router=layer_router, balancers=balancers,
                          dispatcher=dispatcher, capacity=capacity, experts=experts)
-        _fill_mlp_experts(layer.experts, w_in, w_out, method, m, noise, generator)
+        _fill_mlp_experts(layer.experts, w_in, w_out, method, m, noise, seed, index)
         new_layers.append(layer.to(w_in.weight.device, w_in.weight.dtype))
     for (_, bert_layer), layer in zip(layers, new_layers, strict=True):
         bert_layer.intermediate = layer

@@ -1,8 +1,10 @@
 """`cli_configs/deepspeed/`: every YAML builds an expert-parallel model under `MoEDeepSpeedStrategy`, and
-`zero2_ep2.yaml` trains through the real entry point with 2 processes on CPU (torchrun, gloo)."""
+`zero2_ep2.yaml` trains through the real entry point with 2 processes on CPU (torchrun, gloo), writes its
+experts one file each, and resumes with `--ckpt_path` exactly where it stopped."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -97,24 +99,61 @@ def test_multi_node_flags_of_the_readme_parse(cli_env: None, monkeypatch: pytest
     assert type(cli.trainer.strategy.cluster_environment).__name__ == "TorchElasticEnvironment"
 
 
-@pytest.mark.distributed
-def test_zero2_ep2_trains_with_two_processes(tmp_path: Path) -> None:
-    config = DEEPSPEED / "zero2_ep2.yaml"
+def launch_fit(config: Path, cwd: Path, save_dir: Path, *args: str) -> None:
+    """`lightning-moe fit --config config` on 2 processes (torchrun, CPU, gloo), logging under ``save_dir``."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "lightning_moe.cli", "fit", "--config", str(config),
-         "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
+         "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
          "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--trainer.strategy.init_args.cpu_shm_comm", "false",
-         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
-        cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300,
+         "--trainer.logger.init_args.save_dir", str(save_dir), *args],
+        cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "zero2_ep2" / "version_0"
-    losses = read_scalars(run_dir)["train/loss"]
-    assert len(losses) == 3 and all(0 < loss < 6 for loss in losses), losses
-    # A DeepSpeed checkpoint is a directory: ZeRO's partitioned optimizer state, one file per rank.
-    last = run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def zero2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`zero2_ep2.yaml` as shipped but for a checkpoint every 3 steps."""
+    spec = yaml.safe_load((DEEPSPEED / "zero2_ep2.yaml").read_text())
+    step_checkpoint, = [c for c in spec["trainer"]["callbacks"] if c["class_path"].endswith(".StepCheckpoint")]
+    step_checkpoint["init_args"]["every_n_train_steps"] = 3
+    config = tmp_path_factory.mktemp("config") / "zero2_ep2.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    return config
+
+
+@pytest.fixture(scope="module")
+def zero2_run(zero2_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 steps of ``zero2_config``: a step-3 checkpoint to resume from, and the uninterrupted losses after it.
+    Returns the run's version folder."""
+    tmp_path = tmp_path_factory.mktemp("zero2_ep2")
+    launch_fit(zero2_config, tmp_path, tmp_path / "runs", "--trainer.max_steps", "5")
+    return tmp_path / "runs" / "zero2_ep2" / "version_0"
+
+
+@pytest.mark.distributed
+def test_zero2_ep2_trains_with_two_processes(zero2_run: Path) -> None:
+    losses = read_scalars(zero2_run)["train/loss"]
+    assert len(losses) == 5 and all(0 < loss < 6 for loss in losses), losses
+    # A DeepSpeed checkpoint is a directory: ZeRO's partitioned optimizer state, one file per rank, and
+    # each MoE layer's experts one file each (2 layers x 8 experts), written by the rank that holds them.
+    last = zero2_run / "checkpoints" / "last.ckpt"
     assert (last / "latest").is_file()
     assert len(list(last.glob("*/zero_pp_rank_*_optim_states.pt"))) == 2
-    assert (run_dir / "config.yaml").is_file()
+    assert len(list(last.glob("*/layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 8
+    assert (zero2_run / "config.yaml").is_file()
+
+
+@pytest.mark.distributed
+def test_zero2_ep2_resumes_through_the_cli(zero2_config: Path, zero2_run: Path, tmp_path: Path) -> None:
+    # Resuming from the step-3 checkpoint (copied out of the run, so that the resumed run logs to its own
+    # folder) restores the weights, ZeRO-2's AdamW state, the scheduler and the data position: steps 4 and 5
+    # have the uninterrupted run's losses.
+    checkpoint = tmp_path / "step3.ckpt"
+    shutil.copytree(zero2_run / "checkpoints" / "epoch=0-step=3.ckpt", checkpoint)
+    launch_fit(zero2_config, tmp_path, tmp_path / "runs", "--trainer.max_steps", "5", "--ckpt_path", str(checkpoint))
+    resumed = read_scalars(tmp_path / "runs" / "zero2_ep2" / "version_0")["train/loss"]
+    uninterrupted = read_scalars(zero2_run)["train/loss"]
+    assert resumed == pytest.approx(uninterrupted[3:], rel=1e-5, abs=1e-5), (resumed, uninterrupted)

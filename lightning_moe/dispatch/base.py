@@ -10,10 +10,10 @@ pairs), rows of ``x_AD`` sorted by expert.
 
 ``dispatcher(x_TD, routing, experts)`` runs the three; a backend may fuse them when called whole
 (``grouped`` does, so no ``(A, D)`` tensor is made) as long as the steps alone compute the same.
-Wrapping dispatchers reuse another's steps: expert parallelism
-(:class:`~lightning_moe.parallel.ExpertParallelDispatcher`) permutes with its local dispatcher,
-moves the rows to the ranks that hold their experts, computes there with the local one, and
-brings them back for the local combine.
+Wrapping dispatchers reuse another dispatcher: expert parallelism
+(:class:`~lightning_moe.parallel.ExpertParallelDispatcher`) sends each token once to every rank
+holding one of its experts (permute), runs its local dispatcher whole there, gates included
+(compute), and adds the combined rows that come back to their tokens (combine).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_int
+from lightning_moe.experts.protocol import SeededExperts, uniform_values
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU: BERT's and Hugging Face's "gelu"
@@ -39,11 +40,14 @@ def mlp(x_ND: Tensor, w_in_DF: Tensor, b_in_F: Tensor | None, w_out_FD: Tensor, 
     return out_ND if b_out_D is None else out_ND + b_out_D
 
 
-class MLPExperts(nn.Module):
+class MLPExperts(SeededExperts):
     """E two-layer MLPs stored as grouped weights: ``w_in_EDF``, ``b_in_EF``, ``w_out_EFD``, ``b_out_ED``.
 
     Parameters: ``2 * E * D * F`` plus ``E * (F + D)`` biases when ``bias=True``. Without biases
-    ``b_in_EF`` and ``b_out_ED`` are ``None``.
+    ``b_in_EF`` and ``b_out_ED`` are ``None``. Expert ``e`` starts as nn.Linear does, weights and
+    biases uniform(+-1/sqrt(fan_in)), drawn from its own generator (``init_seed``, ``e``)
+    (:class:`~lightning_moe.experts.protocol.SeededExperts`: the same values at every E and expert-parallel
+    size, and buildable lazily).
 
     Args:
         d_model: model width D, >= 1.
@@ -54,12 +58,13 @@ class MLPExperts(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: str = "gelu", bias: bool = True) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.d_ff = check_positive_int("d_ff", d_ff)
-        self.num_experts = check_positive_int("num_experts", num_experts)
+        check_positive_int("d_model", d_model)
+        check_positive_int("d_ff", d_ff)
+        check_positive_int("num_experts", num_experts)
         if activation not in ACTIVATIONS:
             raise ValueError(f"Unknown `activation` {activation!r}; valid names are {sorted(ACTIVATIONS)}.")
+        super().__init__(num_experts)
+        self.d_model, self.d_ff = d_model, d_ff
         self.activation = activation
         self._act = ACTIVATIONS[activation]
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -68,13 +73,17 @@ class MLPExperts(nn.Module):
         self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # nn.Linear's default per expert: weights and biases uniform(+-1/sqrt(fan_in)).
-        for weight, bias in ((self.w_in_EDF, self.b_in_EF), (self.w_out_EFD, self.b_out_ED)):
-            bound = 1.0 / math.sqrt(weight.shape[1])  # fan-in: D for in, F for out
-            nn.init.uniform_(weight, -bound, bound)
-            if bias is not None:
-                nn.init.uniform_(bias, -bound, bound)
+    def expert_init(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """One expert's tensors in order ``w_in``, ``b_in``, ``w_out``, ``b_out``, uniform(+-1/sqrt(fan_in)):
+        fan-in D for the input projection and its bias, F for the output's."""
+        d, f = self.d_model, self.d_ff
+        values = {"w_in_EDF": uniform_values((d, f), 1.0 / math.sqrt(d), generator)}
+        if self.b_in_EF is not None:
+            values["b_in_EF"] = uniform_values((f,), 1.0 / math.sqrt(d), generator)
+        values["w_out_EFD"] = uniform_values((f, d), 1.0 / math.sqrt(f), generator)
+        if self.b_out_ED is not None:
+            values["b_out_ED"] = uniform_values((d,), 1.0 / math.sqrt(f), generator)
+        return values
 
     def _expert_weights(self, expert: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         b_in = None if self.b_in_EF is None else self.b_in_EF[expert]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe._validate import check_positive_int
+from lightning_moe.experts.protocol import SeededExperts, uniform_values
 
 
 def swiglu(x_ND: Tensor, w_gate_DF: Tensor, w_up_DF: Tensor, w_out_FD: Tensor) -> Tensor:
@@ -20,11 +21,16 @@ def swiglu(x_ND: Tensor, w_gate_DF: Tensor, w_up_DF: Tensor, w_out_FD: Tensor) -
     return (F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_out_FD
 
 
-class SwiGLUExperts(nn.Module):
+class SwiGLUExperts(SeededExperts):
     """E SwiGLU MLPs stored as three grouped weights.
 
     ``w_gate_EDF`` and ``w_up_EDF`` project D -> F, ``w_out_EFD`` projects F -> D. Fine-grained
     experts are the same module with a smaller F. Parameters: ``3 * E * D * F``.
+
+    Expert ``e`` starts at nn.Linear's default scale, uniform(+-1/sqrt(fan_in)), drawn from its own
+    generator (``init_seed``, ``e``) (:class:`~lightning_moe.experts.protocol.SeededExperts`): the same
+    values at every E and expert-parallel size, and buildable lazily
+    (:class:`~lightning_moe.experts.protocol.LazyExperts`).
 
     Args:
         d_model: model width D, >= 1.
@@ -33,20 +39,21 @@ class SwiGLUExperts(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int) -> None:
-        super().__init__()
-        self.d_model = check_positive_int("d_model", d_model)
-        self.d_ff = check_positive_int("d_ff", d_ff)
-        self.num_experts = check_positive_int("num_experts", num_experts)
+        check_positive_int("d_model", d_model)
+        check_positive_int("d_ff", d_ff)
+        super().__init__(num_experts)
+        self.d_model, self.d_ff = d_model, d_ff
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # nn.Linear's default scale per expert: uniform(+-1/sqrt(fan_in)).
-        for weight in (self.w_gate_EDF, self.w_up_EDF, self.w_out_EFD):
-            bound = 1.0 / math.sqrt(weight.shape[1])  # fan-in: D for gate/up, F for out
-            nn.init.uniform_(weight, -bound, bound)
+    def expert_init(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """One expert's weights: gate, up (fan-in D), then out (fan-in F), uniform(+-1/sqrt(fan_in))."""
+        d, f = self.d_model, self.d_ff
+        return {"w_gate_EDF": uniform_values((d, f), 1.0 / math.sqrt(d), generator),
+                "w_up_EDF": uniform_values((d, f), 1.0 / math.sqrt(d), generator),
+                "w_out_EFD": uniform_values((f, d), 1.0 / math.sqrt(f), generator)}
 
     def swiglu_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The fused form the fast dispatchers run (:class:`~lightning_moe.experts.FusedSwiGLU`)."""

@@ -53,9 +53,11 @@ class MoEConfig:
         num_shared_experts: shared experts per MoE layer, >= 0, each of width ``expert_d_ff / granularity``.
         shared_expert_gate: gate the shared experts' output with a per-token sigmoid.
         expert_parallel_size: ranks each MoE layer's experts are split over (P), >= 1, dividing
-            ``num_experts * granularity`` (and, when training, the number of processes). Models are
-            built whole; :func:`~lightning_moe.parallel.setup_expert_parallel` keeps each rank's
-            ``E / P`` experts. Checkpoints hold whole expert tensors and load at any P.
+            ``num_experts * granularity`` (and, when training, the number of processes). The routed
+            experts are built without storage; :func:`~lightning_moe.parallel.setup_expert_parallel`
+            gives each rank storage for its ``E / P`` experts only, with the values P = 1 gives for
+            the same seed. With ``moe_ddp`` or ``MoEDeepSpeedStrategy`` every rank writes its own
+            experts to the checkpoint, which loads at any P.
     """
 
     num_experts: int = 8

@@ -7,6 +7,7 @@ Legend: ``T`` tokens (leading dimensions flattened), ``D`` model width, ``E`` ex
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from lightning_moe._validate import check_non_negative_int, check_positive_int, 
 from lightning_moe.balancing.losses import Balancer, check_balancers
 from lightning_moe.dispatch.base import Dispatcher
 from lightning_moe.dispatch.registry import get_dispatcher
+from lightning_moe.experts.protocol import LazyExperts
 from lightning_moe.experts.swiglu import SwiGLU, SwiGLUExperts
 from lightning_moe.layers.config import MoEConfig
 from lightning_moe.layers.record import RoutingRecorder
@@ -26,6 +28,21 @@ from lightning_moe.routing.topk import TopKRouter
 
 ExpertsFactory = Callable[[int, int, int], nn.Module]
 """Builds the routed experts from ``(d_model, d_ff, num_experts)``."""
+
+
+def build_experts(experts: ExpertsFactory, d_model: int, d_ff: int, num_experts: int, lazy: bool) -> nn.Module:
+    """``experts(d_model, d_ff, num_experts)``; with ``lazy``, built on the meta device (no storage)
+    when the module can be given storage later (:class:`~lightning_moe.experts.protocol.LazyExperts`),
+    else built whole, drawing from torch's global RNG exactly what a plain build draws."""
+    if not lazy:
+        return experts(d_model, d_ff, num_experts)
+    rng = torch.random.get_rng_state()
+    with torch.device("meta"):
+        module = experts(d_model, d_ff, num_experts)
+    if isinstance(module, LazyExperts):
+        return module
+    torch.random.set_rng_state(rng)  # as if the meta build had not run
+    return experts(d_model, d_ff, num_experts)
 
 
 def route(router: Router, x: Tensor, capacity: ExpertCapacity | None, training: bool,
@@ -77,15 +94,24 @@ class MoELayer(RoutingRecorder, nn.Module):
             ``grouped_forward``) works; ``grouped`` and ``triton`` have fused paths for experts that
             offer ``swiglu_weights()`` (:class:`~lightning_moe.experts.FusedSwiGLU`).
         expert_parallel_size: ranks the experts are split over (P), >= 1, dividing
-            ``num_experts``. With P > 1 the layer is built whole (the same weights as with P = 1
-            for the same seed) and keeps only its ``E / P`` experts once
-            :func:`~lightning_moe.parallel.setup_expert_parallel` runs on every rank
-            (``MoELanguageModel.setup`` calls it): it calls :meth:`shard` with an expert-parallel
-            dispatcher, so tokens reach their experts by all-to-all, dropless, and ``dispatcher``
-            runs the local experts. Until then it computes locally.
+            ``num_experts``. With P > 1 the routed experts are built lazily, without storage (on
+            the meta device), when they offer it (:class:`~lightning_moe.experts.protocol.LazyExperts`:
+            the built-in experts do); everything else is built as usual, drawing the same random
+            numbers as with P = 1. :func:`~lightning_moe.parallel.setup_expert_parallel`, run on
+            every rank (``MoELanguageModel.setup`` calls it), calls :meth:`shard` with an
+            expert-parallel dispatcher: only then does each rank allocate its ``E / P`` experts,
+            initialised from their global indices, so the model is the same as with P = 1 for
+            the same seed and no rank ever holds all E. Tokens then reach their experts by
+            all-to-all, dropless, and ``dispatcher`` runs the local experts. Experts from a factory
+            without that capability are built whole and sliced by :meth:`shard`. Used before
+            sharding (one process), the layer computes locally: see :meth:`materialize` for when
+            lazy experts get all E rows.
 
-    Under expert parallelism ``exchange`` holds, after each forward, the rows sent to and received
-    from each rank of the group (``sent_rows``, ``received_rows``).
+    Under expert parallelism ``exchange`` holds, after each forward, per rank of the group: the rows
+    sent to and received from it through the all-to-all (``sent_rows``, ``received_rows``; one row
+    per distinct (token, rank) pair, none for this rank's own experts), the rows kept here
+    (``local_rows``) and the assignments alike (``sent_assignments``, ``received_assignments``,
+    ``local_assignments``).
     """
 
     def __init__(
@@ -112,7 +138,15 @@ class MoELayer(RoutingRecorder, nn.Module):
                 f"The router was built for d_model={self.router.d_model}, num_experts={self.router.num_experts}; "
                 f"this layer has d_model={d_model}, num_experts={num_experts}."
             )
-        self.experts = experts(d_model, d_ff, num_experts)
+        check_positive_int("expert_parallel_size", expert_parallel_size)
+        if num_experts % expert_parallel_size:
+            raise ValueError(
+                f"`expert_parallel_size`={expert_parallel_size} must divide `num_experts`={num_experts}; valid values "
+                f"are {divisors(num_experts)}."
+            )
+        self.expert_parallel_size = expert_parallel_size
+        self.experts = build_experts(experts, d_model, d_ff, num_experts, lazy=expert_parallel_size > 1)
+        self._maybe_lazy = self.experts_lazy  # cleared once they have storage: forward checks only this flag
         if getattr(self.experts, "num_experts", None) != num_experts:
             raise ValueError(f"`experts` must build a module with num_experts={num_experts}, got {self.experts!r}.")
         self.shared_d_ff = check_non_negative_int("shared_d_ff", shared_d_ff)
@@ -123,13 +157,8 @@ class MoELayer(RoutingRecorder, nn.Module):
         self.balancers = check_balancers(balancers, num_experts)
         self.capacity = capacity
         self._dispatcher = get_dispatcher(dispatcher)
-        self.expert_parallel_size = check_positive_int("expert_parallel_size", expert_parallel_size)
-        if num_experts % expert_parallel_size:
-            raise ValueError(
-                f"`expert_parallel_size`={expert_parallel_size} must divide `num_experts`={num_experts}; valid values "
-                f"are {divisors(num_experts)}."
-            )
         self.register_load_state_dict_pre_hook(MoELayer._keep_own_expert_rows)
+        self.register_state_dict_pre_hook(MoELayer._materialize_before_saving)
         self.clear_record()
 
     @classmethod
@@ -181,22 +210,69 @@ class MoELayer(RoutingRecorder, nn.Module):
         """Keep only the experts ``dispatcher`` computes on this rank
         (``dispatcher.expert_rows(num_experts)``, a slice of the whole expert tensors) and dispatch
         through it from now on; it must bring every assignment to the rank holding its expert
-        (:class:`~lightning_moe.parallel.ExpertParallelDispatcher` does). Call once, before the
-        optimizer is built. Afterwards :meth:`load_state_dict` also takes whole expert tensors
-        (E rows) and keeps this rank's rows, so checkpoints of any expert-parallel size load."""
+        (:class:`~lightning_moe.parallel.ExpertParallelDispatcher` does). Lazily built experts get
+        storage for those rows only, on the device of the layer's other tensors, initialised from
+        their global indices; experts with storage are sliced. Call once, before the optimizer is
+        built. Afterwards :meth:`load_state_dict` also takes whole expert tensors (E rows) and
+        keeps this rank's rows, so checkpoints of any expert-parallel size load."""
         rows = dispatcher.expert_rows(self.num_experts)
         if self.expert_rows != slice(0, self.num_experts):
             raise RuntimeError(f"This layer already holds only experts {self.expert_rows.start}.."
                                f"{self.expert_rows.stop - 1} of {self.num_experts}; shard it once.")
-        for name, param in list(self.expert_parameters()):
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.experts.get_submodule(owner_name) if owner_name else self.experts
-            setattr(owner, attr, nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad))
-        self.experts.num_experts = rows.stop - rows.start
+        if self.experts_lazy:
+            self.experts.materialize(rows, self._device())
+            self._maybe_lazy = self.experts_lazy  # still lazy on the meta device
+        else:
+            for name, param in list(self.expert_parameters()):
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.experts.get_submodule(owner_name) if owner_name else self.experts
+                setattr(owner, attr, nn.Parameter(param.detach()[rows].clone(), requires_grad=param.requires_grad))
+            self.experts.num_experts = rows.stop - rows.start
+            if isinstance(self.experts, LazyExperts):
+                self.experts.first_expert = rows.start  # so that a later reset_parameters() knows its experts
         self._dispatcher = dispatcher
 
+    @property
+    def experts_lazy(self) -> bool:
+        """Whether the routed experts were built lazily and have no storage yet (meta tensors)."""
+        return isinstance(self.experts, LazyExperts) and any(p.is_meta for p in self.experts.parameters())
+
+    def _device(self) -> torch.device | None:
+        """The device of the layer's tensors other than the routed experts (``None``: it has none)."""
+        for name, tensor in chain(self.named_parameters(), self.named_buffers()):
+            if not name.startswith("experts."):
+                return tensor.device
+        return None
+
+    def materialize(self) -> None:
+        """Give lazily built experts storage for all E experts, before sharding.
+
+        The rule for a layer with ``expert_parallel_size`` > 1 used before :meth:`shard` (in one
+        process): whatever reads or writes the experts' values gives them all E rows, initialised
+        as with P = 1, on the device of the layer's other tensors: :meth:`forward`, ``state_dict``
+        and ``load_state_dict`` call this. The parameters stay the same objects, so an optimizer
+        built before holds them. Moving or casting the layer (``.to``, ``.half()``) allocates
+        nothing: lazy experts keep the new dtype and get storage later, wherever the rest of the
+        layer is then. Does nothing when the experts have storage, or when the whole layer is on
+        the meta device (nothing to give storage on; ``to_empty`` the model first). Once a rank
+        has all E rows, :meth:`shard` slices them as it slices experts that were never lazy.
+        """
+        if not self.experts_lazy:
+            self._maybe_lazy = False
+            return
+        device = self._device()
+        if device is None or device.type != "meta":
+            self.experts.materialize(slice(0, self.num_experts), device)
+            self._maybe_lazy = False
+
+    def _materialize_before_saving(self, prefix: str, keep_vars: bool) -> None:
+        # State-dict pre-hook: a state_dict holds values, never meta placeholders.
+        self.materialize()
+
     def _keep_own_expert_rows(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-        # Load-state-dict pre-hook: whole expert tensors (E rows) for a sharded layer -> this rank's rows.
+        # Load-state-dict pre-hook: lazy experts get storage first (loading into meta tensors would
+        # silently do nothing); whole expert tensors (E rows) for a sharded layer -> this rank's rows.
+        self.materialize()
         local = self.experts.num_experts
         if local == self.num_experts:
             return
@@ -213,6 +289,8 @@ class MoELayer(RoutingRecorder, nn.Module):
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.d_model}, got shape {tuple(x.shape)}."
             )
+        if self._maybe_lazy:  # lazy experts used before sharding: all E of them
+            self.materialize()
         x_TD = x.reshape(-1, self.d_model)
         routing = route(self.router, x, self.capacity, self.training, token_ids)
         y_TD = self._dispatcher(x_TD, routing, self.experts)

@@ -1,6 +1,7 @@
 """A differentiable all-to-all with uneven split sizes (dropless expert parallelism).
 
-Legend: ``N`` rows sent by this rank, ``R`` rows received, ``D`` row width.
+Legend: ``N`` rows sent by this rank, ``R`` rows received, ``D`` row width (none for a vector of
+indices or gates), ``P`` ranks of the group, ``C`` counts per rank pair.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: object = None) -> Tensor:
     """Send ``in_splits[j]`` consecutive rows of ``x_ND`` to rank ``j`` of ``group`` and receive
-    ``out_splits[j]`` rows from it, concatenated in rank order; differentiable.
+    ``out_splits[j]`` rows from it, concatenated in rank order; differentiable (integer tensors,
+    such as indices, pass with no gradient). A split of 0 for this rank keeps rows out of the
+    collective.
 
     Uses ``all_to_all_single`` with split sizes, which gloo (CPU), NCCL and the others support
     with uneven sizes (the list form ``all_to_all`` does not on gloo).
@@ -41,9 +44,9 @@ def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group:
     return _AllToAll.apply(x_ND, list(out_splits), list(in_splits), group)
 
 
-def all_to_all_counts(counts_PL: Tensor, group: object = None) -> Tensor:
-    """Exchange a ``(P, L)`` integer table: row ``j`` goes to rank ``j``; the result's row ``j`` is
+def all_to_all_counts(counts_PC: Tensor, group: object = None) -> Tensor:
+    """Exchange a ``(P, C)`` integer table: row ``j`` goes to rank ``j``; the result's row ``j`` is
     what rank ``j`` sent here (not differentiable)."""
-    out = torch.empty_like(counts_PL)
-    dist.all_to_all_single(out, counts_PL.contiguous(), group=group)
+    out = torch.empty_like(counts_PC)
+    dist.all_to_all_single(out, counts_PC.contiguous(), group=group)
     return out

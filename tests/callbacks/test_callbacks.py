@@ -53,9 +53,12 @@ def fit(model: MoELanguageModel, callbacks: list, max_steps: int, tmp_path: Path
 class LoadRecorder(L.Callback):
     def __init__(self) -> None:
         self.loads: list[list[torch.Tensor]] = []
+        self.biases: list[list[torch.Tensor]] = []  # each router's expert bias after each batch (if it has one)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.loads.append([m.stats.tokens_per_expert_E.clone() for m in pl_module.model.moe_layers()])
+        layers = pl_module.model.moe_layers()
+        self.loads.append([m.stats.tokens_per_expert_E.clone() for m in layers])
+        self.biases.append([getattr(m.router, "expert_bias_E", torch.zeros(0)).clone() for m in layers])
 
 
 # ---------------------------------------------------------------- Schedule
@@ -172,10 +175,13 @@ def test_bias_updates_once_per_optimizer_step_from_every_micro_batch() -> None:
     assert len(rec.loads) == 6 and updater.num_updates == 2
     for layer_idx, layer in enumerate(model.model.moe_layers()):
         expected = torch.zeros(4)
-        for group in (rec.loads[0:3], rec.loads[3:6]):
+        for last, group in ((2, rec.loads[0:3]), (5, rec.loads[3:6])):
             expected = bias_update(expected, sum(batch[layer_idx] for batch in group), 0.05)
+            torch.testing.assert_close(rec.biases[last][layer_idx], expected)  # updated at the optimizer step
         torch.testing.assert_close(layer.router.expert_bias_E, expected)
-        assert layer.router.expert_bias_E.abs().sum() > 0
+    # The first update moved the biases (the second may undo it: every +-rate step can flip the choice back).
+    assert all(bias.abs().sum() > 0 for bias in rec.biases[2])
+    assert all(bias.abs().sum() == 0 for bias in rec.biases[1])  # not before the step
 
 
 def test_bias_rate_schedule_and_violation() -> None:

@@ -152,8 +152,10 @@ def test_drift_rises_when_routers_train_on_shifted_data(one_thread: None) -> Non
     fit(model, [monitor], max_steps=17, data=digits)
     assert monitor.measurement_steps == [2, 4, 6, 8, 10, 12, 14, 16]
     changed_ML, kl_ML = monitor.drift_history[:, :, 0], monitor.drift_history[:, :, 1]
-    assert bool((changed_ML[-1] > 1.5 * changed_ML[0]).all()) and float(changed_ML[-1].max()) > 0.4
-    assert bool((kl_ML[-1] > 5 * kl_ML[0]).all())  # the load moves away too
+    # The levels depend on the initial weights: 0.36 and 0.16 of the probe's tokens changed (from 0.05), the
+    # load's KL 5.0 and 4.6 times its first value, with the per-expert initialisation of issue 18.
+    assert bool((changed_ML[-1] > 1.5 * changed_ML[0]).all()) and float(changed_ML[-1].max()) > 0.3
+    assert bool((kl_ML[-1] > 3 * kl_ML[0]).all())  # the load moves away too
     assert all(torch.equal(p, others[name]) for name, p in model.named_parameters() if name in others)
 
 

@@ -72,9 +72,15 @@ def test_the_exchange_is_dropless_and_uneven(two_ranks: list[list[dict]]) -> Non
         received = torch.tensor([c["exchange"]["received_rows"] for c in cases])  # [destination, source]
         assert torch.equal(sent, received.T), case_name
     topk = [next(c for c in rank if c["name"] == "topk-grouped") for rank in two_ranks]
-    assert all(sum(c["exchange"]["sent_rows"]) == 13 * 2 for c in topk)  # T * K rows, none dropped
+    for c in topk:  # T * K assignments, none dropped; a token goes to a rank once (rows <= assignments)
+        ex = c["exchange"]
+        assert sum(ex["sent_assignments"]) + sum(ex["local_assignments"]) == 13 * 2
+        assert sum(ex["sent_rows"]) + sum(ex["local_rows"]) <= 13 * 2
     one_sided = [next(c for c in rank if c["name"] == "one-sided") for rank in two_ranks]
-    assert [c["exchange"]["received_rows"] for c in one_sided] == [[26, 26], [0, 0]]
+    # Both experts of every token on rank 0: rank 1's 13 tokens go there once each, rank 0's stay.
+    assert [c["exchange"]["received_rows"] for c in one_sided] == [[0, 13], [0, 0]]
+    assert [c["exchange"]["received_assignments"] for c in one_sided] == [[0, 26], [0, 0]]
+    assert [c["exchange"]["local_rows"] for c in one_sided] == [[13, 0], [0, 0]]
 
 
 @pytest.mark.distributed

@@ -46,6 +46,22 @@ def fit(out: Path, strategy: str, ep: int, *args: str, processes: int = 1) -> li
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
+def fixed_batch_loss(logits: torch.Tensor) -> float:
+    """Cross-entropy of ``ep_fit_worker``'s logits of its fixed batch (the first 4 rows of its first global batch)."""
+    ids = torch.randint(0, 64, (64, 17), generator=torch.Generator().manual_seed(3))[:4]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
+def initial_logits() -> torch.Tensor:
+    """``ep_fit_worker``'s model as built (same seed and sizes) on its fixed batch, before any step."""
+    L.seed_everything(0, verbose=False)
+    model = MoELanguageModel(64, 17, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                             moe=MoEConfig(num_experts=4, expert_d_ff=8)).eval()
+    ids = torch.randint(0, 64, (64, 17), generator=torch.Generator().manual_seed(3))[:4]
+    with torch.no_grad():
+        return model(ids[:, :-1])
+
+
 def mean_losses(ranks: list[dict]) -> list[float]:
     # Every rank's loss is the mean over its equal share of the global batch.
     return [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(len(ranks[0]["losses"]))]
@@ -73,7 +89,9 @@ LOSS_TOL = 1e-5
 @pytest.mark.distributed
 def test_ddp_ep2_matches_one_process(single: list[dict], ddp_ep2: list[dict]) -> None:
     assert mean_losses(ddp_ep2) == pytest.approx(single[0]["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
-    assert single[0]["losses"][-1] < single[0]["losses"][0]
+    # The steps trained: the rows of the first batch are predicted better than by the initial model (the
+    # per-step losses are over other random batches each step, so their trend is noise).
+    assert fixed_batch_loss(single[0]["logits"]) < fixed_batch_loss(initial_logits())
     for rank in ddp_ep2:
         torch.testing.assert_close(rank["logits"], single[0]["logits"], rtol=0, atol=1e-5)
         assert rank["expert_shapes"]["model.blocks.0.ffn.experts.w_gate_EDF"] == (2, 16, 8)  # 4 experts over 2
@@ -153,9 +171,10 @@ def test_bias_updates_and_revival_under_ep2_match_one_process(runs: Path) -> Non
     one = fit(runs / "callbacks_ep1", "single", 1, "--callbacks")[0]
     two = fit(runs / "callbacks_ep2", "ddp", 2, "--callbacks", processes=2)
     assert one["revived"] > 0 and all(rank["revived"] == one["revived"] for rank in two)
+    assert any(bias.abs().sum() > 0 for bias in one["biases"])  # a layer's +-rate steps may cancel out
     for rank in two:
         for bias, expected in zip(rank["biases"], one["biases"], strict=True):
-            assert torch.equal(bias, expected) and bias.abs().sum() > 0
+            assert torch.equal(bias, expected)
         torch.testing.assert_close(rank["logits"], one["logits"], rtol=0, atol=1e-5)
     assert mean_losses(two) == pytest.approx(one["losses"], rel=LOSS_TOL, abs=LOSS_TOL)
 

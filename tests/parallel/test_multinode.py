@@ -84,13 +84,15 @@ def test_two_nodes_train_with_experts_split_across_them(tmp_path: Path) -> None:
     losses = [e.value for e in events.Scalars("train/loss")]
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
 
-    # The checkpoint records the layout it was written with, and holds each rank's 4 of 8 experts in
-    # DeepSpeed's module file and the whole 8 in our gathered state dict.
+    # The checkpoint records the layout it was written with; each node wrote its own 4 of the 8 experts of
+    # each layer, one DeepSpeed file per expert, and DeepSpeed's module file holds no expert tensor.
     last = run_dir / "checkpoints" / "last.ckpt"
-    tag = (last / "latest").read_text().strip()
-    client = torch.load(last / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    tag = last / (last / "latest").read_text().strip()
+    client = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert client[LAYOUT_KEY] == {"world_size": 2, "sizes": {"model.blocks.0.ffn": 2, "model.blocks.1.ffn": 2}}
+    assert not [key for key in client["module"] if ".experts." in key]
+    assert sorted(p.name for p in tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt")) == sorted(
+        f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" for layer in (0, 1) for expert in range(8))
     full = load_full_state_dict(last)
     experts = [key for key in full if ".experts." in key]
     assert experts and all(full[key].shape[0] == 8 for key in experts)
-    assert all(client["module"][key].shape[0] == 4 for key in experts)
