@@ -587,9 +587,9 @@ class PeakRSS:
     def __init__(self) -> None:
         self.resettable = True
         try:
-            self.libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self.libc = None
+            self.malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc: give freed heap pages back
+        except (OSError, AttributeError):
+            self.malloc_trim = None
 
     @staticmethod
     def _status(field: str) -> int | None:
@@ -604,8 +604,8 @@ class PeakRSS:
 
     def reset(self) -> int:
         """Return freed memory to the system, reset the peak; the resident bytes now."""
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
+        if self.malloc_trim is not None:
+            self.malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
@@ -842,7 +842,8 @@ def run_memory_and_checkpoint(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.date.today().isoformat(), "machine": device_name(torch.device("cpu")),
-                       "torch": torch.__version__, "command": memory_command(args), "per_rank": results}, out,
+                       "torch": torch.__version__, "command": memory_command(args),
+                       "per_rank": dict(sorted(results.items()))}, out,
                       indent=2)
         print(f"wrote {args.json}")
 
@@ -915,8 +916,8 @@ def print_checkpoints(results: dict[int, list[dict]]) -> None:
           "also `meta.pt` and `.metadata`, "
           f"{next(iter(results.values()))[0]['meta'] / 1024:.1f} KB); read: the saved chunks DCP loads (each whole) "
           "against the bytes of the tensors the rank receives (its expert rows of weights and AdamW moments, every "
-          "dense tensor); every rank also reads `meta.pt` and `.metadata`. Times: this rank's; a save or load ends "
-          "when the slowest rank's does.\n")
+          "dense tensor; the excess over 1 is each saved tensor's serialisation header, ~1.5 KB); every rank also "
+          "reads `meta.pt` and `.metadata`. Times: this rank's; a save or load ends when the slowest rank's does.\n")
     print("| P | rank | written MB | expert rows MB (3 x experts) | save s | save peak MB | load s | load peak MB "
           "| read MB | received MB | read / received | loaded == saved |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -6,6 +6,7 @@ Legend: ``T`` tokens (leading dimensions flattened), ``D`` model width, ``E`` ex
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any
@@ -54,6 +55,25 @@ def route(router: Router, x: Tensor, capacity: ExpertCapacity | None, training: 
     if x.dim() >= 3:
         routing.seq_len = x.shape[-2]
     return routing if capacity is None else capacity(routing, training)
+
+
+def warn_misplaced_groups(router: Router, balancers: Sequence[Balancer], expert_parallel_size: int) -> None:
+    """Warn when device-limited routing (a router's ``num_groups``) or a device-level balancer
+    (``DeviceAuxLoss``/``CommBalanceLoss``'s ``num_devices``) groups the experts in a way that does
+    not follow the expert-parallel placement: rank ``r`` holds experts ``r*E/P .. (r+1)*E/P - 1``, so a
+    group matches devices when it is one rank's experts (G = P), part of them (P divides G), or
+    several ranks' (G divides P). Otherwise "M groups per token" bounds no rank count and the
+    balancer balances groups that are not devices."""
+    if expert_parallel_size == 1:
+        return
+    grouped = [("the router's `num_groups`", getattr(router, "num_groups", None))]
+    grouped += [(f"{type(b).__name__}'s `num_devices`", getattr(b, "num_devices", None)) for b in balancers]
+    for what, groups in grouped:
+        if groups is not None and groups % expert_parallel_size and expert_parallel_size % groups:
+            warnings.warn(f"{what} ({groups}) does not follow the expert-parallel placement "
+                          f"(expert_parallel_size={expert_parallel_size}: each rank holds E/{expert_parallel_size} "
+                          f"consecutive experts); use {expert_parallel_size} or a multiple or divisor of it so that "
+                          "its groups are ranks.", UserWarning, stacklevel=3)
 
 
 class MoELayer(RoutingRecorder, nn.Module):
@@ -155,6 +175,7 @@ class MoELayer(RoutingRecorder, nn.Module):
         self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.balancers = check_balancers(balancers, num_experts)
+        warn_misplaced_groups(self.router, self.balancers, expert_parallel_size)
         self.capacity = capacity
         self._dispatcher = get_dispatcher(dispatcher)
         self.register_load_state_dict_pre_hook(MoELayer._keep_own_expert_rows)

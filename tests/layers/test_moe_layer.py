@@ -91,3 +91,24 @@ def test_bfloat16_autocast_forward_backward() -> None:
         y = layer(x)
     (y.float().sum() + layer.aux_losses["z_loss"]).backward()
     assert x.grad is not None and layer.router.scorer.weight_ED.grad is not None
+
+
+def test_groups_that_do_not_follow_the_expert_parallel_placement_warn() -> None:
+    import warnings
+
+    from lightning_moe.balancing import DeviceAuxLoss
+    from lightning_moe.routing import GroupLimitedTopKRouter
+
+    def build(groups: int, devices: int) -> None:
+        MoELayer(8, 16, 12, router=GroupLimitedTopKRouter(8, 12, top_k=1, num_groups=groups, topk_groups=1,
+                                                           renormalize=False),
+                 balancers=[DeviceAuxLoss(devices)], expert_parallel_size=4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(groups=4, devices=4)  # one group per rank
+        build(groups=12, devices=2)  # groups inside ranks; devices of two ranks each
+    with pytest.warns(UserWarning, match=r"router's `num_groups` \(3\) does not follow"):
+        build(groups=3, devices=4)
+    with pytest.warns(UserWarning, match=r"DeviceAuxLoss's `num_devices` \(6\) does not follow"):
+        build(groups=4, devices=6)
