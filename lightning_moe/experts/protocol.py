@@ -168,12 +168,11 @@ class SeededExperts(nn.Module):
         # does) and remember the device for materialize(), so `.to(device)` before sharding allocates nothing.
         if not self.is_lazy:
             return super()._apply(fn, recurse)
-        for name, param in list(self.named_parameters(recurse=False)):
+        for param in list(self.parameters(recurse=False)):
             start = self._materialize_device or torch.device("cpu")
             probe = fn(torch.empty(0, dtype=param.dtype, device=start))
             if probe.device != start:
                 self._materialize_device = probe.device
-            if probe.dtype != param.dtype:
-                setattr(self, name, nn.Parameter(torch.empty_like(param, dtype=probe.dtype),
-                                                 requires_grad=param.requires_grad))
+            if probe.dtype != param.dtype:  # the same Parameter object (an optimizer may hold it), marks kept
+                param.data = torch.empty_like(param, dtype=probe.dtype)
         return self

@@ -125,8 +125,9 @@ class MoEDDPStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Write ``checkpoint`` as a directory at ``filepath``; collective (every rank calls it, as
-        ``Trainer.save_checkpoint`` does). Written beside the destination and renamed over it, so a kill
-        leaves the previous checkpoint whole."""
+        ``Trainer.save_checkpoint`` does). Written beside the destination, then the previous checkpoint
+        is renamed aside, the new one into place, and the previous one removed: a kill or an error while
+        writing leaves the previous checkpoint whole (and a failed write removes its temporary folder)."""
         if storage_options is not None:
             raise TypeError("MoEDDPStrategy.save_checkpoint takes no `storage_options`: it writes with "
                             "torch.distributed.checkpoint, not with a CheckpointIO plugin.")
@@ -139,11 +140,21 @@ class MoEDDPStrategy(DDPStrategy):
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         self.barrier("MoEDDPStrategy.save_checkpoint")
-        dcp.save(tensors, storage_writer=self.storage_writer(temp))  # returns on every rank once .metadata is written
-        if self.is_global_zero:
-            torch.save(meta, temp / META_FILE)
-            _remove(path)
-            os.replace(temp, path)
+        try:
+            # Returns on every rank once .metadata is written.
+            dcp.save(tensors, storage_writer=self.storage_writer(temp))
+            if self.is_global_zero:
+                torch.save(meta, temp / META_FILE)
+                # The previous checkpoint is moved aside, not removed, until the new one is in place.
+                old = path.with_name(f".{path.name}.old{TEMP_INFIX}{os.getpid()}")
+                if path.exists() or path.is_symlink():
+                    os.replace(path, old)
+                os.replace(temp, path)
+                _remove(old)
+        except BaseException:
+            if self.is_global_zero:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
@@ -159,6 +170,17 @@ class MoEDDPStrategy(DDPStrategy):
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=weights_only)
         reader = self.storage_reader(path)
         saved = reader.read_metadata().state_dict_metadata
+        module = self.lightning_module
+        if getattr(module, "strict_loading", True):
+            # DCP reads only the keys the template asks for: report the others as load_state_dict(strict=True) would.
+            own = set(module.state_dict())
+            unexpected = sorted(key.removeprefix("state_dict.") for key in saved
+                                if key.startswith("state_dict.") and key.removeprefix("state_dict.") not in own)
+            if unexpected:
+                raise RuntimeError(f"Error loading {path}: unexpected key(s) in state_dict: "
+                                   f"{', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''} "
+                                   f"({len(unexpected)} in all). Load it into the model it was saved from, or set "
+                                   "`strict_loading = False` on the LightningModule to ignore them.")
         template = self._load_template(meta.get(OPTIMIZERS_KEY, []), saved)
         dcp.load(template, storage_reader=reader)
         return _join(meta, _to_local(template), names=True)

@@ -169,6 +169,14 @@ class MoEDeepSpeedStrategy(DeepSpeedStrategy):
             return self._load_universal_checkpoint(checkpoint_path, saved, weights_only)
         if module is None or saved is None or LAYOUT_KEY not in saved:
             return super().load_checkpoint(checkpoint_path, weights_only)
+        if STATE_KEY in saved:  # written before per-expert files: whole expert tensors, no expert files to read
+            rank_zero_warn(
+                f"{checkpoint_path} was written by an earlier version (whole expert tensors in its client state, no "
+                "per-expert files). The model weights are restored from it, each rank keeping its experts' rows; the "
+                "optimizer state starts afresh. Checkpoints written from now on keep it.")
+            saved.pop("optimizer_states", None)
+            saved["state_dict"] = saved.pop(STATE_KEY)
+            return saved
         current = expert_parallel_layout(module, self.world_size)
         if saved[LAYOUT_KEY] == current:
             with deepspeed_expert_files(module):  # DeepSpeed reads this rank's expert files into the grouped tensors

@@ -169,6 +169,28 @@ def test_a_universal_checkpoint_reshards_the_optimizer_state_too(runs: Path, ref
     continues_as_reference(resumed, reference)
 
 
+@pytest.mark.distributed
+def test_a_checkpoint_of_the_earlier_format_still_loads_its_weights(runs: Path, saved: list[dict]) -> None:
+    # Before per-expert files, the non-expert file carried the whole state dict (experts gathered) and the marker
+    # wrote no expert files: rebuild one from this run's checkpoint.
+    import shutil
+
+    from lightning_moe.parallel.strategy import STATE_KEY
+
+    old = runs / "old_format.ckpt"
+    shutil.copytree(runs / "ep2.ckpt", old)
+    tag = old / (old / "latest").read_text().strip()
+    client = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    client[STATE_KEY] = load_full_state_dict(runs / "ep2.ckpt")
+    torch.save(client, tag / "mp_rank_00_model_states.pt")
+    for file in tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
+        file.unlink()
+    resumed = fit(runs / "old_format_on", "deepspeed", 2, *ZERO2_ADAM, "--load", str(old), "--steps", "5",
+                  "--start-state", processes=2)
+    for rank, before in zip(resumed, saved, strict=True):
+        torch.testing.assert_close(rank["start_logits"], before["logits"], rtol=0, atol=1e-6)
+
+
 def test_the_marker_shows_per_expert_keys_only_while_deepspeed_saves() -> None:
     # What DeepSpeed's save and load see of a layer inside deepspeed_expert_files, and the ordinary state dict
     # outside it (one process, EP=1: the marker stands for all 4 experts).

@@ -234,6 +234,15 @@ def test_used_before_sharding_a_lazy_layer_gets_all_its_experts() -> None:
     optimizer.step()
     assert lazy.experts.w_gate_EDF is before and not before.is_meta
     assert not torch.equal(before, whole.experts.w_gate_EDF)
+    # a dtype change while lazy keeps the parameter objects too (and the optimizer's hold on them)
+    whole, lazy = layers()
+    before = lazy.experts.w_gate_EDF
+    optimizer = torch.optim.SGD(lazy.parameters(), lr=0.1)
+    lazy.double()
+    assert lazy.experts.w_gate_EDF is before and before.dtype == torch.float64 and lazy.experts_lazy
+    lazy(x.double()).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, whole.experts.w_gate_EDF.double())
     # a layer wholly on the meta device stays there (nothing to give storage on)
     with torch.device("meta"):
         meta = MoELayer(12, 10, 6, expert_parallel_size=2)

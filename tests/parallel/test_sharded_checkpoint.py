@@ -175,3 +175,29 @@ def test_moe_ddp_is_a_strategy_name_of_the_cli(monkeypatch: pytest.MonkeyPatch, 
                    "--trainer.devices", "1"], run=False)
     assert isinstance(cli.trainer.strategy, MoEDDPStrategy)
     assert MoEDDPStrategy.writes_expert_shards
+
+
+def test_a_directory_saved_from_another_model_is_refused_when_loading_strictly(tmp_path: Path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    def model(n_layers: int) -> MoELanguageModel:
+        L.seed_everything(0, verbose=False)
+        return MoELanguageModel(VOCAB, SEQ, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32,
+                                moe=MoEConfig(router=TopKRouter, num_experts=4, expert_d_ff=8, balancers=[ZLoss(0.01)]))
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(accelerator="cpu", devices=1, strategy=MoEDDPStrategy(), max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    loader = DataLoader(Sequences(), batch_size=8)
+    first = trainer()
+    first.fit(model(3), loader)
+    first.save_checkpoint(tmp_path / "three.ckpt")
+    # DCP reads only what the model asks for; the strategy still reports the blocks the model lacks.
+    with pytest.raises(RuntimeError, match=r"unexpected key\(s\) in state_dict: model\.blocks\.2\."):
+        trainer().validate(model(2), dataloaders=loader, ckpt_path=tmp_path / "three.ckpt")
+    lenient = model(2)
+    lenient.strict_loading = False
+    trainer().validate(lenient, dataloaders=loader, ckpt_path=tmp_path / "three.ckpt")
+    assert not list(tmp_path.glob(".*"))  # no temporary or set-aside folder left
