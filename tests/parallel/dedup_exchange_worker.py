@@ -18,10 +18,10 @@ import functools
 import os
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ddp_launch import save_rank_results
 from torch import Tensor
 
 from lightning_moe.layers import MoELayer
@@ -161,9 +161,7 @@ def main() -> None:
         case("empty-rank", 8, topk(2), rank, world, tokens=[0] + [T] * (world - 1)),
         case("autocast", 8, topk(2), rank, world, autocast=True),
     ]
-    torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_rank_results(results, sys.argv[1])
 
 
 if __name__ == "__main__":

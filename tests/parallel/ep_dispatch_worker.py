@@ -12,10 +12,10 @@ import copy
 import functools
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ddp_launch import save_rank_results
 
 from lightning_moe.layers import MoELayer
 from lightning_moe.parallel import reduce_expert_gradients, setup_expert_parallel
@@ -93,9 +93,7 @@ def main() -> None:
     if world % 4 == 0:
         results.append(case("topk-ep4", 8, 4, lambda d, e: TopKRouter(d, e, top_k=3, scorer=UNCENTRED), "grouped",
                             rank, world))
-    torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_rank_results(results, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ Writes ``rank{r}.pt``, a dict of cases.
 import os
 import re
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ddp_launch import save_rank_results
 
 from lightning_moe.layers import MoEConfig
 from lightning_moe.models import MoETransformer
@@ -164,9 +164,7 @@ def main() -> None:
         results["memory"] = memory_case(rank, world)
     results["same_model"] = same_model_case(rank, world)
     results["upcycled"] = upcycled_case(world)
-    torch.save(results, Path(sys.argv[1]) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_rank_results(results, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ rows through the collective must be exactly the minimum: one per distinct (token
 counted here from the routing, four times a step (dispatch, combine and their transposes).
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_launch import run_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -24,21 +21,10 @@ CASES = ["top1", "top2", "top4", "top8", "top2-loop", "all-remote", "all-remote-
          "capacity", "empty-rank", "autocast"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_workers(world: int, out: Path) -> list[dict[str, dict]]:
     """Each rank's cases by name."""
-    worker = Path(__file__).with_name("dedup_exchange_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [{c["name"]: c for c in torch.load(out / f"rank{r}.pt", weights_only=False)} for r in range(world)]
+    return [{c["name"]: c for c in cases} for cases in run_torchrun("dedup_exchange_worker.py", world, out)]
 
 
 @pytest.fixture(scope="module")

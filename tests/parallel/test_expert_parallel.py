@@ -4,14 +4,11 @@ The distributed tests run ``ep_dispatch_worker.py`` under torchrun (2 and 4 proc
 each rank's outputs and gradients with the same layer, unsharded, in one process.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_launch import run_torchrun
 
 from lightning_moe.layers import MoEConfig, MoELayer
 from lightning_moe.models import MoETransformer
@@ -19,20 +16,8 @@ from lightning_moe.parallel import ExpertParallelGroups, check_expert_parallel_s
 from lightning_moe.parallel.expert_parallel import expert_parameters
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(world: int, out: Path) -> list[list[dict]]:
-    worker = Path(__file__).with_name("ep_dispatch_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_torchrun("ep_dispatch_worker.py", world, out)
 
 
 @pytest.fixture(scope="module")

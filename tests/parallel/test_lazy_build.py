@@ -6,14 +6,11 @@ compare with the P = 1 model built whole in the same process; the others run in 
 """
 
 import functools
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_launch import run_torchrun
 from torch import nn
 
 from lightning_moe.experts import MLPExperts, SwiGLUExperts
@@ -24,20 +21,8 @@ from lightning_moe.parallel import ExpertParallelGroups, shard_experts
 from lightning_moe.upcycling import upcycle_swiglu
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(world: int, out: Path) -> list[dict]:
-    worker = Path(__file__).with_name("lazy_build_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_torchrun("lazy_build_worker.py", world, out)
 
 
 @pytest.fixture(scope="module")
