@@ -177,9 +177,16 @@ def test_moe_ddp_is_a_strategy_name_of_the_cli(monkeypatch: pytest.MonkeyPatch, 
     assert MoEDDPStrategy.writes_expert_shards
 
 
-def test_a_directory_saved_from_another_model_is_refused_when_loading_strictly(tmp_path: Path) -> None:
+def test_a_directory_saved_from_another_model_is_refused_when_loading_strictly(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     import lightning as L
     from torch.utils.data import DataLoader
+
+    # DDP on one process sets LOCAL_RANK, NODE_RANK, WORLD_SIZE, ... in os.environ: keep them out of later tests
+    # (an example that sees LOCAL_RANK believes torchrun started it).
+    monkeypatch.setattr(os, "environ", os.environ.copy())
 
     def model(n_layers: int) -> MoELanguageModel:
         L.seed_everything(0, verbose=False)
