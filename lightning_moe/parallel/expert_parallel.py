@@ -277,12 +277,9 @@ def setup_expert_parallel(model: nn.Module) -> list[str]:
     if an ``expert_parallel_size`` does not divide the number of processes. Returns the names of
     the expert parameters (relative to ``model``), which DDP must not reduce.
     """
-    names = []
-    for name, layer in expert_parallel_layers(model):
+    for _, layer in expert_parallel_layers(model):
         shard_experts(layer, expert_parallel_groups(layer.expert_parallel_size))
-        prefix = f"{name}.experts." if name else "experts."
-        names += [prefix + param_name for param_name, _ in expert_parameters(layer)]
-    return names
+    return list(sharded_expert_parameters(model))
 
 
 def is_expert_parameter(param: Tensor) -> bool:
